@@ -1,0 +1,203 @@
+"""EdgeClient: local inference and fine-tuning that work offline, journaled durably, synced later."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from client.journal import Durability, Journal
+from client.litert_runtime import InputError, LiteRTClassifier, check_input
+from client.model_store import ModelStore
+from client.predictions import PredictionCache, create_prediction_tables
+from client.sync import SyncReport, sync_with_retries
+from fedsync.manifest import KERAS, TFLITE_FLOAT32, TFLITE_INT8, Manifest
+
+_classifiers: dict[str, LiteRTClassifier] = {}
+_classifiers_lock = threading.Lock()
+
+
+class NoModelError(RuntimeError):
+    """No global model is installed yet: sync once with a coordinator first."""
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    label: int  # the label served: the coordinator's correction when there is one
+    confidence: float
+    model_label: int  # what the local model predicted
+    model_version: int
+    seq: int  # the journal event's sequence number
+    cached: bool
+    corrected: bool
+
+
+def shared_classifier(path: Path, sha256: str) -> LiteRTClassifier:
+    """One interpreter per model file content in this process, whatever the number of clients."""
+    with _classifiers_lock:
+        classifier = _classifiers.get(sha256)
+        if classifier is None:
+            classifier = LiteRTClassifier(path)
+            _classifiers[sha256] = classifier
+        return classifier
+
+
+class EdgeClient:
+    """An edge device's runtime. All state lives under `home`.
+
+    inference: "float32" or "int8" (which .tflite to run). Fine-tuning uses Keras and needs the
+    `tensorflow` extra; inference never imports TensorFlow.
+    """
+
+    def __init__(
+        self,
+        home: Path | str,
+        device_id: str,
+        *,
+        inference: str = "float32",
+        fine_tuning: bool = True,
+        durability: Durability = Durability.POWER,
+        keep_versions: int = 3,
+    ) -> None:
+        if inference not in ("float32", "int8"):
+            raise ValueError(f"inference must be 'float32' or 'int8', got {inference!r}")
+        self.home = Path(home)
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.device_id = device_id
+        self.inference_kind = TFLITE_INT8 if inference == "int8" else TFLITE_FLOAT32
+        self.fine_tuning = fine_tuning
+        self.journal = Journal(self.home / "journal.db", durability)
+        with self.journal.transaction():
+            create_prediction_tables(self.journal.db)
+        self.cache = PredictionCache(self.journal.conn)
+        self.models = ModelStore(self.home / "models", keep_versions=keep_versions)
+        self._lock = threading.RLock()
+
+    # -- model -----------------------------------------------------------------------------
+
+    @property
+    def model_version(self) -> int:
+        return self.models.current_version()
+
+    def wanted_artifact_kinds(self) -> list[str]:
+        return [self.inference_kind, *([KERAS] if self.fine_tuning else [])]
+
+    def _classifier(self) -> tuple[LiteRTClassifier, int]:
+        manifest = self.models.manifest()
+        if manifest is None:
+            raise NoModelError("no model installed yet: sync with a coordinator first")
+        artifact = manifest.artifact(self.inference_kind)
+        path = self.models.artifact_path(self.inference_kind)
+        if artifact is None or path is None:
+            raise NoModelError(f"model version {manifest.version} has no {self.inference_kind} artifact")
+        return shared_classifier(path, artifact.sha256), manifest.version
+
+    def smoke_test(self, version_dir: Path, manifest: Manifest) -> None:
+        """Load the new version and run one inference; raises when it cannot serve."""
+        artifact = manifest.artifact(self.inference_kind)
+        if artifact is None:
+            raise ValueError(f"no {self.inference_kind} artifact")
+        classifier = LiteRTClassifier(version_dir / artifact.name)
+        expected = tuple(manifest.inputs[0].shape[1:])
+        if tuple(classifier.input_shape[1:]) != expected:
+            raise ValueError(f"model input shape {classifier.input_shape} does not match manifest {expected}")
+        if classifier.num_outputs != len(manifest.labels):
+            raise ValueError(
+                f"model has {classifier.num_outputs} outputs but the manifest lists {len(manifest.labels)} labels"
+            )
+        probs = classifier.predict_proba(np.zeros((1, *expected), dtype=np.float32))
+        if not np.all(np.isfinite(probs)):
+            raise ValueError("smoke inference produced non-finite outputs")
+
+    # -- inference -------------------------------------------------------------------------
+
+    def predict(self, x: np.ndarray) -> Prediction:
+        """Run the installed model on one sample and journal the event (works offline)."""
+        start = time.perf_counter_ns()
+        sample = check_input(x)
+        if len(sample) != 1:
+            raise InputError(f"predict takes one sample, got a batch of {len(sample)}")
+        input_hash = hashlib.sha256(sample.tobytes()).digest()
+        with self._lock:
+            classifier, version = self._classifier()
+            cached = self.cache.get(input_hash, version)
+            if cached is not None:
+                label, confidence, model_label, corrected = (
+                    cached.label,
+                    cached.confidence,
+                    cached.label,
+                    cached.corrected,
+                )
+            else:
+                probs = classifier.predict_proba(sample)[0]
+                model_label = int(np.argmax(probs))
+                confidence = float(probs[model_label])
+                correction = self.cache.correction(input_hash)
+                corrected = correction is not None and correction.label != model_label
+                label = correction.label if correction is not None else model_label
+            latency_us = (time.perf_counter_ns() - start) / 1e3
+            with self.journal.transaction():
+                (seq,) = self.journal.append_events(
+                    [(input_hash, model_label, confidence, version, latency_us)]
+                )
+                if cached is None:
+                    self.cache.put(input_hash, version, label, confidence, corrected)
+        return Prediction(label, confidence, model_label, version, seq, cached is not None, corrected)
+
+    # -- fine-tuning -----------------------------------------------------------------------
+
+    def fine_tune(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        *,
+        epochs: int = 5,
+        batch_size: int = 16,
+        learning_rate: float = 0.05,
+        codec: str = "float32",
+        seed: int = 0,
+    ) -> int:
+        """Train the installed model locally and journal the weight delta; returns its seq."""
+        from client import keras_trainer
+        from fedsync.codecs import get_codec
+
+        x = check_input(x)
+        y = np.asarray(y, dtype=np.int64).reshape(-1)
+        if len(x) == 0 or len(x) != len(y):
+            raise ValueError(
+                f"fine_tune needs as many labels as samples and at least one: {len(x)} vs {len(y)}"
+            )
+        with self._lock:
+            manifest = self.models.manifest()
+            if manifest is None:
+                raise NoModelError("no model installed yet: sync with a coordinator first")
+            artifact = manifest.artifact(KERAS)
+            path = self.models.artifact_path(KERAS)
+            if artifact is None or path is None:
+                raise NoModelError(f"model version {manifest.version} has no Keras artifact to fine-tune")
+            if y.min() < 0 or y.max() >= len(manifest.labels):
+                raise ValueError(f"labels must be in 0..{len(manifest.labels) - 1}")
+            result = keras_trainer.fine_tune(
+                path, artifact.sha256, x, y, epochs, batch_size, learning_rate, seed
+            )
+            specs, payload = get_codec(codec).encode(result.delta)
+            specs_json = json.dumps(
+                [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in specs]
+            )
+            return self.journal.append_delta(
+                manifest.version, result.num_examples, codec, specs_json, payload, result.loss
+            )
+
+    # -- sync ------------------------------------------------------------------------------
+
+    def sync(self, address: str, *, timeout_s: float = 30.0, attempts: int = 3) -> SyncReport:
+        """Send what is pending, pull corrections and the newest model (see client.sync)."""
+        return sync_with_retries(self, address, timeout_s=timeout_s, attempts=attempts)
+
+    def close(self) -> None:
+        self.journal.close()

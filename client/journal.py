@@ -1,0 +1,266 @@
+"""The edge journal: every inference event and weight delta, durably in SQLite (WAL).
+
+Events and deltas are numbered 1, 2, 3, ... in two independent sequences. What the coordinator
+has confirmed is kept as two acknowledged high-water marks, so "pending" is simply "above the
+mark" and marking a batch sent is one row update, whatever its size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+import sqlite_utils
+
+
+class Durability(Enum):
+    """How much a committed journal write survives.
+
+    PROCESS: survives a crash or kill -9 of the process (WAL, synchronous=NORMAL); a power cut
+    may lose the last few commits. POWER: also survives a power cut (synchronous=FULL, one fsync
+    a commit).
+    """
+
+    PROCESS = "NORMAL"
+    POWER = "FULL"
+
+
+@dataclass(frozen=True, slots=True)
+class JournalEvent:
+    seq: int
+    input_hash: bytes
+    label: int
+    confidence: float
+    model_version: int
+    latency_us: float
+    time_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class JournalDelta:
+    seq: int
+    base_version: int
+    num_examples: int
+    codec: str
+    tensor_specs: str  # JSON list of {"name", "shape", "dtype"}
+    payload: bytes
+    payload_sha256: bytes
+    train_loss: float
+    created_ns: int
+
+
+_EVENT_COLUMNS = "seq, input_hash, label, confidence, model_version, latency_us, time_ns"
+_DELTA_COLUMNS = (
+    "seq, base_version, num_examples, codec, tensor_specs, payload, payload_sha256, train_loss, created_ns"
+)
+
+
+def open_database(path: Path, durability: Durability = Durability.POWER) -> sqlite_utils.Database:
+    conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
+    db = sqlite_utils.Database(conn)
+    db.enable_wal()
+    conn.execute(f"PRAGMA synchronous={durability.value}")
+    return db
+
+
+class Journal:
+    def __init__(self, path: Path, durability: Durability = Durability.POWER) -> None:
+        self.path = Path(path)
+        self.db = open_database(self.path, durability)
+        self.conn = self.db.conn
+        self._create_schema()
+
+    def _create_schema(self) -> None:
+        db = self.db
+        with self.transaction():
+            if "events" not in db.table_names():
+                db["events"].create(
+                    {
+                        "seq": int,
+                        "input_hash": bytes,
+                        "label": int,
+                        "confidence": float,
+                        "model_version": int,
+                        "latency_us": float,
+                        "time_ns": int,
+                    },
+                    pk="seq",
+                    not_null={"input_hash", "label", "confidence", "model_version", "time_ns"},
+                )
+            if "deltas" not in db.table_names():
+                db["deltas"].create(
+                    {
+                        "seq": int,
+                        "base_version": int,
+                        "num_examples": int,
+                        "codec": str,
+                        "tensor_specs": str,
+                        "payload": bytes,
+                        "payload_sha256": bytes,
+                        "train_loss": float,
+                        "created_ns": int,
+                        "status": str,
+                        "reason": str,
+                    },
+                    pk="seq",
+                    not_null={"base_version", "num_examples", "codec", "tensor_specs", "payload"},
+                )
+            if "meta" not in db.table_names():
+                db["meta"].create({"key": str, "value": int}, pk="key")
+
+    # -- transactions -------------------------------------------------------------------------
+
+    def transaction(self) -> _Transaction:
+        return _Transaction(self.conn)
+
+    # -- meta -----------------------------------------------------------------------------------
+
+    def get_meta(self, key: str, default: int = 0) -> int:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return default if row is None else int(row[0])
+
+    def set_meta(self, key: str, value: int) -> None:
+        self.conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    # -- events ---------------------------------------------------------------------------------
+
+    def append_events(
+        self, rows: Sequence[tuple[bytes, int, float, int, float]], time_ns: int | None = None
+    ) -> list[int]:
+        """Journal (input_hash, label, confidence, model_version, latency_us) rows; returns their seqs."""
+        now = time.time_ns() if time_ns is None else time_ns
+        with self.transaction():
+            last = self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
+            seqs = list(range(last + 1, last + 1 + len(rows)))
+            self.conn.executemany(
+                f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(s, *row, now) for s, row in zip(seqs, rows, strict=True)],
+            )
+        return seqs
+
+    def last_event_seq(self) -> int:
+        return int(self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0])
+
+    def events_acked(self) -> int:
+        return self.get_meta("events_acked")
+
+    def ack_events(self, high_water: int) -> None:
+        """Record the coordinator's durable mark; it never moves backwards."""
+        with self.transaction():
+            if high_water > self.events_acked():
+                self.set_meta("events_acked", high_water)
+
+    def pending_event_count(self) -> int:
+        acked = self.events_acked()
+        return int(self.conn.execute("SELECT COUNT(*) FROM events WHERE seq > ?", (acked,)).fetchone()[0])
+
+    def iter_event_batches(self, after_seq: int, batch_size: int) -> Iterator[list[JournalEvent]]:
+        """Pending events in seq order, batch_size at a time: memory stays bounded by one batch."""
+        cursor = after_seq
+        while True:
+            rows = self.conn.execute(
+                f"SELECT {_EVENT_COLUMNS} FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+                (cursor, batch_size),
+            ).fetchall()
+            if not rows:
+                return
+            yield [JournalEvent(*row) for row in rows]
+            cursor = rows[-1][0]
+
+    def event(self, seq: int) -> JournalEvent | None:
+        row = self.conn.execute(f"SELECT {_EVENT_COLUMNS} FROM events WHERE seq = ?", (seq,)).fetchone()
+        return None if row is None else JournalEvent(*row)
+
+    # -- deltas ---------------------------------------------------------------------------------
+
+    def append_delta(
+        self,
+        base_version: int,
+        num_examples: int,
+        codec: str,
+        tensor_specs: str,
+        payload: bytes,
+        train_loss: float,
+        extra_statements: Sequence[tuple[str, tuple[object, ...]]] = (),
+    ) -> int:
+        """Journal a delta; extra_statements run in the same transaction (e.g. codec residuals)."""
+        with self.transaction():
+            seq = self.conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM deltas").fetchone()[0]
+            self.conn.execute(
+                f"INSERT INTO deltas ({_DELTA_COLUMNS}, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending')",
+                (
+                    seq,
+                    base_version,
+                    num_examples,
+                    codec,
+                    tensor_specs,
+                    payload,
+                    hashlib.sha256(payload).digest(),
+                    train_loss,
+                    time.time_ns(),
+                ),
+            )
+            for sql, params in extra_statements:
+                self.conn.execute(sql, params)
+        return int(seq)
+
+    def deltas_acked(self) -> int:
+        return self.get_meta("deltas_acked")
+
+    def ack_delta(self, seq: int, status: str, reason: str = "") -> None:
+        with self.transaction():
+            self.conn.execute("UPDATE deltas SET status = ?, reason = ? WHERE seq = ?", (status, reason, seq))
+            if seq > self.deltas_acked():
+                self.set_meta("deltas_acked", seq)
+
+    def pending_deltas(self, after_seq: int) -> Iterator[JournalDelta]:
+        """Pending deltas one at a time (each may be large)."""
+        cursor = after_seq
+        while True:
+            row = self.conn.execute(
+                f"SELECT {_DELTA_COLUMNS} FROM deltas WHERE seq > ? ORDER BY seq LIMIT 1", (cursor,)
+            ).fetchone()
+            if row is None:
+                return
+            yield JournalDelta(*row)
+            cursor = row[0]
+
+    def pending_delta_count(self) -> int:
+        acked = self.deltas_acked()
+        return int(self.conn.execute("SELECT COUNT(*) FROM deltas WHERE seq > ?", (acked,)).fetchone()[0])
+
+    def integrity_ok(self) -> bool:
+        return self.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, re-entrant: nested uses join the outer transaction."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.outer = False
+
+    def __enter__(self) -> sqlite3.Connection:
+        if not self.conn.in_transaction:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.outer = True
+        return self.conn
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if not self.outer:
+            return
+        if exc_type is None:
+            self.conn.execute("COMMIT")
+        else:
+            self.conn.execute("ROLLBACK")

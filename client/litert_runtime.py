@@ -1,0 +1,471 @@
+"""Lean on-device runtime for fedsync's TFLite models: numpy + ``ai_edge_litert`` only.
+
+This module must never import TensorFlow or Keras (directly or through ``fedsync.model``
+/ ``fedsync.tflite_export``); a test enforces it. The models it runs are produced on the
+coordinator by :mod:`fedsync.tflite_export`:
+
+* :class:`LiteRTClassifier` -- a float32 or int8 classifier (``[n, 64] -> [n, 10]``).
+* :class:`LiteRTHeadTrainer` -- the trainable-head model with ``infer`` / ``train`` /
+  ``get_weights`` / ``set_weights`` signatures (on-device fine-tuning of the softmax head).
+
+Inputs are validated by :func:`check_input` (preprocessed digits: 64 float32 pixels scaled
+to [0, 1]). Corrupt or unexpected model files raise :class:`ModelFormatError`; bad inputs
+raise :class:`InputError`. Both subclass ``ValueError``.
+
+Interpreters are not thread-safe; each object serializes its own calls with a lock.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from ai_edge_litert.interpreter import Interpreter
+
+__all__ = [
+    "InputError",
+    "LiteRTClassifier",
+    "LiteRTHeadTrainer",
+    "ModelFormatError",
+    "check_input",
+]
+
+NUM_FEATURES = 64
+
+# Signature / tensor names of the trainable-head model (kept in sync with
+# fedsync.tflite_export, which this module must not import).
+_HEAD_SIGNATURES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "infer": (frozenset({"x"}), frozenset({"probs"})),
+    "train": (frozenset({"x", "y", "lr"}), frozenset({"loss"})),
+    "get_weights": (frozenset(), frozenset({"head_kernel", "head_bias"})),
+    "set_weights": (frozenset({"head_kernel", "head_bias"}), frozenset()),
+}
+HEAD_WEIGHT_NAMES = ("head_kernel", "head_bias")
+
+_TFLITE_IDENTIFIER = b"TFL3"  # flatbuffer file identifier, bytes 4..8 of every .tflite
+
+
+class ModelFormatError(ValueError):
+    """The model bytes are not a usable TFLite model of the expected kind."""
+
+
+class InputError(ValueError):
+    """An input array has the wrong shape, dtype or non-finite values."""
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def check_input(x: Any, expected_shape_tail: tuple[int, ...] = (NUM_FEATURES,)) -> np.ndarray:
+    """Validate ``x`` and return it as a C-contiguous float32 batch ``(n, *expected_shape_tail)``.
+
+    * A single sample of shape ``expected_shape_tail`` gets a leading batch axis of 1.
+    * Integer, unsigned and float (16/32/64-bit) dtypes are accepted and converted to
+      float32 (float64 loses precision beyond ~7 digits, irrelevant for pixels in [0, 1]).
+      Bool, complex, object, string/bytes and datetime dtypes are rejected: they are never
+      valid preprocessed pixels and silently casting them would hide a caller bug.
+    * NaN or +/-Inf (including float64 values that overflow float32) are rejected.
+    * An empty batch ``(0, *tail)`` is allowed here; callers decide what it means.
+
+    Value range is *not* checked (preprocessing is the caller's contract).
+    """
+    tail = tuple(int(d) for d in expected_shape_tail)
+    if isinstance(x, np.ndarray):
+        arr = x
+    else:
+        try:
+            arr = np.asarray(x)
+        except (ValueError, TypeError) as exc:  # ragged nested lists etc.
+            raise InputError(f"input is not a rectangular numeric array: {exc}") from None
+    kind = arr.dtype.kind
+    if kind not in "iuf":
+        what = {
+            "b": "bool",
+            "c": "complex",
+            "O": "object",
+            "U": "string",
+            "S": "bytes",
+            "V": "structured/void",
+            "M": "datetime",
+            "m": "timedelta",
+        }.get(kind, str(arr.dtype))
+        raise InputError(f"input dtype must be a real number type (int/uint/float), got {what} ({arr.dtype})")
+    if arr.ndim == len(tail):
+        arr = arr[np.newaxis, ...]
+    if arr.ndim != len(tail) + 1 or tuple(arr.shape[1:]) != tail:
+        expected = ", ".join(str(d) for d in tail)
+        raise InputError(
+            f"input shape must be (n, {expected}) or ({expected},), got {tuple(np.shape(x))}"
+        )
+    out = np.ascontiguousarray(arr, dtype=np.float32)
+    if kind in "iu":  # integers are finite and fit float32's range
+        return out
+    finite = np.isfinite(out)
+    if not finite.all():
+        n_nan = int(np.isnan(out).sum())
+        n_inf = int(out.size - finite.sum()) - n_nan
+        rows = np.flatnonzero(~finite.reshape(len(out), -1).all(axis=1))
+        raise InputError(
+            f"input contains {n_nan} NaN and {n_inf} Inf value(s) after conversion to float32 "
+            f"(first bad sample index {int(rows[0])})"
+        )
+    return out
+
+
+def _check_labels(y: Any, n: int, num_classes: int) -> np.ndarray:
+    """Class indices as int32 of shape ``(n,)``; integer dtypes only."""
+    arr = np.asarray(y)
+    if arr.dtype.kind not in "iu":
+        raise InputError(
+            f"labels must be integer class indices, got dtype {arr.dtype} (use y.astype(np.int32))"
+        )
+    if arr.ndim == 0:
+        arr = arr.reshape(1)
+    if arr.shape != (n,):
+        raise InputError(f"labels must have shape ({n},) to match x, got {np.shape(y)}")
+    if n and (arr.min() < 0 or arr.max() >= num_classes):
+        raise InputError(
+            f"labels must be in [0, {num_classes}), got min {int(arr.min())} max {int(arr.max())}"
+        )
+    return np.ascontiguousarray(arr, dtype=np.int32)
+
+
+def _check_lr(lr: Any) -> np.ndarray:
+    try:
+        value = float(lr)
+    except (TypeError, ValueError):
+        raise InputError(f"learning rate must be a real number, got {lr!r}") from None
+    if not np.isfinite(value) or value < 0:
+        raise InputError(f"learning rate must be finite and >= 0, got {value}")
+    return np.asarray(value, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- model loading
+
+
+def _read_model(model_path_or_bytes: str | os.PathLike[str] | bytes | bytearray | memoryview) -> bytes:
+    if isinstance(model_path_or_bytes, (bytes, bytearray, memoryview)):
+        content = bytes(model_path_or_bytes)
+        source = "model bytes"
+    elif isinstance(model_path_or_bytes, (str, os.PathLike)):
+        # Missing/unreadable files raise the usual OSError: that is not a format problem.
+        with open(model_path_or_bytes, "rb") as fh:
+            content = fh.read()
+        source = os.fspath(model_path_or_bytes)
+    else:
+        raise TypeError(f"expected a path or bytes, got {type(model_path_or_bytes).__name__}")
+    if len(content) < 8:
+        raise ModelFormatError(f"{source}: not a TFLite model ({len(content)} bytes, truncated or empty)")
+    if content[4:8] != _TFLITE_IDENTIFIER:
+        raise ModelFormatError(f"{source}: not a TFLite model (missing 'TFL3' flatbuffer identifier)")
+    return content
+
+
+def _new_interpreter(content: bytes, num_threads: int, what: str) -> Interpreter:
+    try:
+        return Interpreter(model_content=content, num_threads=num_threads)
+    except Exception as exc:  # the native loader raises ValueError/RuntimeError/...
+        raise ModelFormatError(f"{what}: invalid or truncated TFLite model ({_one_line(exc)})") from exc
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:200] or type(exc).__name__
+
+
+def _signature_names(interpreter: Interpreter) -> list[str]:
+    try:
+        return sorted(interpreter.get_signature_list())
+    except Exception:
+        return []
+
+
+def _quant_params(details: Mapping[str, Any]) -> tuple[float, int] | None:
+    """(scale, zero_point) for a per-tensor quantized int tensor, else None."""
+    if np.dtype(details["dtype"]).kind == "f":
+        return None
+    scale, zero_point = details["quantization"]
+    if not scale:
+        return None
+    return float(scale), int(zero_point)
+
+
+# --------------------------------------------------------------------------- classifier
+
+
+class _Slot:
+    """One interpreter allocated for one batch size."""
+
+    __slots__ = ("batch", "input_index", "interpreter", "output_index")
+
+    def __init__(self, interpreter: Interpreter, input_index: int, output_index: int, batch: int) -> None:
+        self.interpreter = interpreter
+        self.input_index = input_index
+        self.output_index = output_index
+        self.batch = batch
+
+
+class LiteRTClassifier:
+    """Runs a float32 or int8 ``.tflite`` classifier mapping ``(n, 64)`` to ``(n, classes)``.
+
+    Two interpreters are kept: one allocated once for single samples (the fast path:
+    ``set_tensor`` / ``invoke`` / ``get_tensor``, never re-allocated, so interleaving
+    single-sample and batch calls costs nothing extra) and one created lazily for batches,
+    resized with ``resize_tensor_input`` + ``allocate_tensors`` only when the batch size
+    differs from the previous batch call.
+
+    Models whose input/output tensors are themselves quantized (int8/uint8 I/O) are also
+    supported: inputs are quantized and outputs dequantized here. The models produced by
+    ``fedsync.tflite_export.to_tflite_int8`` keep float32 I/O, so this is not needed for them.
+
+    Attributes:
+        input_shape: the model's input shape signature, e.g. ``(-1, 64)``; -1 = dynamic.
+        input_dtype: dtype of the model's input tensor (float32 for fedsync exports).
+        num_outputs: number of classes (last output dimension).
+    """
+
+    def __init__(self, model_path_or_bytes: str | os.PathLike[str] | bytes, num_threads: int = 1) -> None:
+        if int(num_threads) < 1:
+            raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+        self._content = _read_model(model_path_or_bytes)
+        self._num_threads = int(num_threads)
+        self._lock = threading.Lock()
+        interpreter = _new_interpreter(self._content, self._num_threads, "classifier")
+        try:
+            inputs = interpreter.get_input_details()
+            outputs = interpreter.get_output_details()
+        except Exception as exc:
+            raise ModelFormatError(f"classifier: cannot read model tensors ({_one_line(exc)})") from exc
+        if len(inputs) != 1 or len(outputs) != 1:
+            hint = ""
+            if "train" in _signature_names(interpreter):
+                hint = " (this looks like a trainable-head model: use LiteRTHeadTrainer)"
+            raise ModelFormatError(
+                f"classifier: expected 1 input and 1 output tensor, got {len(inputs)} and {len(outputs)}"
+                + hint
+            )
+        in_sig = tuple(int(d) for d in inputs[0]["shape_signature"])
+        out_sig = tuple(int(d) for d in outputs[0]["shape_signature"])
+        if len(in_sig) < 2 or len(out_sig) != 2 or out_sig[1] <= 0 or any(d <= 0 for d in in_sig[1:]):
+            raise ModelFormatError(
+                f"classifier: expected input (batch, features...) and output (batch, classes), "
+                f"got {in_sig} and {out_sig}"
+            )
+        self.input_shape: tuple[int, ...] = in_sig
+        self.input_dtype: np.dtype = np.dtype(inputs[0]["dtype"])
+        self.num_outputs: int = out_sig[1]
+        self._feature_shape = in_sig[1:]
+        self._dynamic_batch = in_sig[0] == -1
+        self._fixed_batch = None if self._dynamic_batch else in_sig[0]
+        self._in_quant = _quant_params(inputs[0])
+        self._out_quant = _quant_params(outputs[0])
+        if self.input_dtype.kind != "f" and self._in_quant is None:
+            raise ModelFormatError(f"classifier: unsupported non-quantized input dtype {self.input_dtype}")
+        self._single = self._allocate(interpreter, inputs[0]["index"], outputs[0]["index"], 1)
+        self._batch: _Slot | None = None
+
+    # -- internals
+
+    def _allocate(self, interpreter: Interpreter, input_index: int, output_index: int, n: int) -> _Slot:
+        try:
+            if self._dynamic_batch or n != self._fixed_batch:
+                interpreter.resize_tensor_input(input_index, [n, *self._feature_shape])
+            interpreter.allocate_tensors()
+        except Exception as exc:
+            raise ModelFormatError(f"classifier: cannot allocate tensors ({_one_line(exc)})") from exc
+        return _Slot(interpreter, input_index, output_index, n)
+
+    def _batch_slot(self, n: int) -> _Slot:
+        slot = self._batch
+        if slot is None:
+            interpreter = _new_interpreter(self._content, self._num_threads, "classifier")
+            slot = self._batch = self._allocate(interpreter, self._single.input_index,
+                                                self._single.output_index, n)
+        elif slot.batch != n:
+            self._batch = self._allocate(slot.interpreter, slot.input_index, slot.output_index, n)
+            slot = self._batch
+        return slot
+
+    def _to_model_input(self, x: np.ndarray) -> np.ndarray:
+        if self._in_quant is None:
+            return x if self.input_dtype == np.float32 else x.astype(self.input_dtype)
+        scale, zero_point = self._in_quant
+        info = np.iinfo(self.input_dtype)
+        q = np.round(x / scale) + zero_point
+        return np.clip(q, info.min, info.max).astype(self.input_dtype)
+
+    def _from_model_output(self, y: np.ndarray) -> np.ndarray:
+        if self._out_quant is None:
+            return y.astype(np.float32, copy=False)
+        scale, zero_point = self._out_quant
+        return ((y.astype(np.float32) - zero_point) * scale).astype(np.float32)
+
+    # -- API
+
+    def predict_proba(self, x: Any) -> np.ndarray:
+        """Class probabilities, float32 ``(n, num_outputs)``, for ``x`` of shape (n, 64) or (64,)."""
+        batch = check_input(x, self._feature_shape)
+        n = len(batch)
+        if n == 0:
+            return np.empty((0, self.num_outputs), dtype=np.float32)
+        if self._fixed_batch is not None and n != self._fixed_batch:
+            raise InputError(f"model has a fixed batch size {self._fixed_batch}, got {n} samples")
+        model_in = self._to_model_input(batch)
+        with self._lock:
+            slot = self._single if n == 1 else self._batch_slot(n)
+            slot.interpreter.set_tensor(slot.input_index, model_in)
+            slot.interpreter.invoke()
+            out = slot.interpreter.get_tensor(slot.output_index)
+        return self._from_model_output(out)
+
+    def predict(self, x: Any) -> np.ndarray:
+        """Most likely class index per sample, int64 ``(n,)``."""
+        return np.argmax(self.predict_proba(x), axis=1)
+
+
+# --------------------------------------------------------------------------- trainable head
+
+
+class LiteRTHeadTrainer:
+    """On-device fine-tuning of the softmax head via the trainable-head model's signatures.
+
+    The head weights live in TFLite resource variables inside this interpreter: they start
+    from the values exported by the coordinator and change with :meth:`train_step` /
+    :meth:`fit` / :meth:`set_weights`. A new ``LiteRTHeadTrainer`` on the same file starts
+    again from the exported values; persist :meth:`get_weights` to keep progress.
+
+    Weight names are ``"head_kernel"`` (hidden_units, classes) and ``"head_bias"``
+    (classes,), not the Keras variable paths used by ``fedsync.model.get_weights``
+    (``"digits_mlp/head/kernel"`` / ``"digits_mlp/head/bias"``).
+    """
+
+    def __init__(self, model_path_or_bytes: str | os.PathLike[str] | bytes, num_threads: int = 1) -> None:
+        content = _read_model(model_path_or_bytes)
+        self._lock = threading.Lock()
+        self._interpreter = _new_interpreter(content, int(num_threads), "trainable head")
+        try:
+            available = self._interpreter.get_signature_list()
+        except Exception as exc:
+            raise ModelFormatError(f"trainable head: cannot read signatures ({_one_line(exc)})") from exc
+        problems = []
+        for name, (want_in, want_out) in _HEAD_SIGNATURES.items():
+            sig = available.get(name)
+            if sig is None:
+                problems.append(f"missing signature {name!r}")
+                continue
+            have_in, have_out = set(sig["inputs"]), set(sig["outputs"])
+            if have_in != want_in or not want_out <= have_out:
+                problems.append(
+                    f"signature {name!r} has inputs {sorted(have_in)} / outputs {sorted(have_out)}, "
+                    f"expected {sorted(want_in)} / {sorted(want_out)}"
+                )
+        if problems:
+            raise ModelFormatError(
+                f"trainable head: not a fedsync trainable-head model ({'; '.join(problems)}; "
+                f"found signatures {sorted(available)})"
+            )
+        try:
+            self._runners = {name: self._interpreter.get_signature_runner(name) for name in _HEAD_SIGNATURES}
+            set_in = self._runners["set_weights"].get_input_details()
+            infer_in = self._runners["infer"].get_input_details()
+        except Exception as exc:
+            raise ModelFormatError(f"trainable head: cannot prepare signatures ({_one_line(exc)})") from exc
+        self.weight_shapes: dict[str, tuple[int, ...]] = {
+            name: tuple(int(d) for d in set_in[name]["shape_signature"]) for name in HEAD_WEIGHT_NAMES
+        }
+        self.num_classes: int = self.weight_shapes["head_bias"][0]
+        self.input_shape: tuple[int, ...] = tuple(int(d) for d in infer_in["x"]["shape_signature"])
+        self._feature_shape = self.input_shape[1:]
+
+    def _run(self, name: str, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        with self._lock:
+            return self._runners[name](**inputs)
+
+    def infer(self, x: Any) -> np.ndarray:
+        """Class probabilities, float32 ``(n, classes)``."""
+        batch = check_input(x, self._feature_shape)
+        if len(batch) == 0:
+            return np.empty((0, self.num_classes), dtype=np.float32)
+        return np.asarray(self._run("infer", x=batch)["probs"], dtype=np.float32)
+
+    def train_step(self, x: Any, y: Any, lr: float) -> float:
+        """One SGD step on the head; returns the batch's mean cross-entropy *before* the step.
+
+        ``y`` holds integer class indices, shape ``(n,)``.
+        """
+        batch = check_input(x, self._feature_shape)
+        if len(batch) == 0:
+            raise InputError("cannot train on an empty batch")
+        labels = _check_labels(y, len(batch), self.num_classes)
+        return self._train(batch, labels, _check_lr(lr))
+
+    def _train(self, x: np.ndarray, y: np.ndarray, lr: np.ndarray) -> float:
+        return float(self._run("train", x=x, y=y, lr=lr)["loss"])
+
+    def fit(
+        self,
+        x: Any,
+        y: Any,
+        lr: float = 0.1,
+        epochs: int = 5,
+        batch_size: int = 32,
+        seed: int = 0,
+    ) -> list[float]:
+        """Mini-batch SGD over shuffled data; returns the mean training loss of each epoch.
+
+        Each epoch reshuffles with ``np.random.default_rng(seed)`` (deterministic), uses every
+        sample once (the last batch may be smaller), and reports the sample-weighted mean of
+        the per-batch losses (each measured before its step).
+        """
+        data = check_input(x, self._feature_shape)
+        n = len(data)
+        if n == 0:
+            raise InputError("cannot fit on an empty dataset")
+        labels = _check_labels(y, n, self.num_classes)
+        rate = _check_lr(lr)
+        if int(epochs) < 0 or int(batch_size) < 1:
+            raise ValueError(f"need epochs >= 0 and batch_size >= 1, got {epochs} and {batch_size}")
+        rng = np.random.default_rng(seed)
+        history: list[float] = []
+        for _ in range(int(epochs)):
+            order = rng.permutation(n)
+            total = 0.0
+            for start in range(0, n, int(batch_size)):
+                idx = order[start : start + int(batch_size)]
+                total += self._train(data[idx], labels[idx], rate) * len(idx)
+            history.append(total / n)
+        return history
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        """Copies of the current head weights: ``{"head_kernel": ..., "head_bias": ...}``."""
+        out = self._run("get_weights")
+        return {name: np.array(out[name], dtype=np.float32, copy=True) for name in HEAD_WEIGHT_NAMES}
+
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        """Replace the head weights. Missing keys raise ``KeyError`` (like
+        ``fedsync.model.set_weights``); unknown keys, wrong shapes or non-finite values raise
+        :class:`InputError`.
+        """
+        missing = [name for name in HEAD_WEIGHT_NAMES if name not in weights]
+        if missing:
+            raise KeyError(f"weights missing tensors: {missing} (expected {list(HEAD_WEIGHT_NAMES)})")
+        unknown = sorted(set(weights) - set(HEAD_WEIGHT_NAMES))
+        if unknown:
+            raise InputError(f"unknown weight names {unknown}; expected {list(HEAD_WEIGHT_NAMES)}")
+        arrays = {}
+        for name in HEAD_WEIGHT_NAMES:
+            shape = self.weight_shapes[name]
+            value = weights[name]
+            arr = np.asarray(value)
+            if arr.dtype.kind not in "iuf":
+                raise InputError(f"{name}: dtype must be numeric, got {arr.dtype}")
+            if arr.shape != shape:
+                raise InputError(f"{name}: expected shape {shape}, got {arr.shape}")
+            arr = np.ascontiguousarray(arr, dtype=np.float32)
+            if not np.isfinite(arr).all():
+                raise InputError(f"{name}: contains NaN or Inf")
+            arrays[name] = arr
+        self._run("set_weights", **arrays)

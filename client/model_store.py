@@ -1,0 +1,181 @@
+"""Installed global model versions: one folder each, a manifest, and an atomic CURRENT pointer.
+
+Install = fetch into `.staging-vN/`, verify every sha256 and that the manifest fits the model,
+fsync, rename to `vN/`, smoke-test, then switch CURRENT with an atomic rename. A crash at any
+point leaves CURRENT on a complete, verified version; a failed verification or smoke test leaves
+it where it was.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedsync.manifest import (
+    MANIFEST_NAME,
+    Artifact,
+    Manifest,
+    ManifestError,
+    fsync_path,
+    sha256_file,
+    write_atomically,
+)
+
+CURRENT = "CURRENT"
+GOOD = "GOOD"  # versions that passed their smoke test, newest last
+
+FetchArtifact = Callable[[Artifact, Path], None]  # writes (or resumes writing) the artifact at the path
+SmokeTest = Callable[[Path, Manifest], None]  # raises when the installed version cannot serve
+
+
+class InstallError(RuntimeError):
+    """A version could not be installed; the store stays on the version it was on."""
+
+
+@dataclass(frozen=True)
+class StoredArtifact:
+    version: int
+    name: str
+    kind: str
+    size: int
+
+
+class ModelStore:
+    def __init__(self, root: Path, keep_versions: int = 3) -> None:
+        if keep_versions < 1:
+            raise ValueError("keep_versions must be at least 1")
+        self.root = Path(root)
+        self.keep_versions = keep_versions
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def current_version(self) -> int:
+        try:
+            return int((self.root / CURRENT).read_text().strip() or 0)
+        except FileNotFoundError:
+            return 0
+
+    def version_dir(self, version: int) -> Path:
+        return self.root / f"v{version}"
+
+    def manifest(self, version: int | None = None) -> Manifest | None:
+        version = self.current_version() if version is None else version
+        path = self.version_dir(version) / MANIFEST_NAME
+        if version == 0 or not path.exists():
+            return None
+        return Manifest.from_json(path.read_bytes())
+
+    def artifact_path(self, kind: str, version: int | None = None) -> Path | None:
+        manifest = self.manifest(version)
+        if manifest is None:
+            return None
+        artifact = manifest.artifact(kind)
+        if artifact is None:
+            return None
+        path = self.version_dir(manifest.version) / artifact.name
+        return path if path.exists() else None
+
+    def installed_versions(self) -> list[int]:
+        versions = []
+        for child in self.root.iterdir():
+            if child.is_dir() and child.name.startswith("v") and child.name[1:].isdigit():
+                versions.append(int(child.name[1:]))
+        return sorted(versions)
+
+    def good_versions(self) -> list[int]:
+        try:
+            text = (self.root / GOOD).read_text()
+        except FileNotFoundError:
+            return []
+        return [int(v) for v in text.split() if v.isdigit() and self.version_dir(int(v)).exists()]
+
+    # -- installing ----------------------------------------------------------------------------
+
+    def install(
+        self,
+        manifest_json: bytes,
+        fetch: FetchArtifact,
+        smoke_test: SmokeTest,
+        kinds: Iterable[str],
+    ) -> int:
+        """Install the version the manifest describes, with the artifacts of the given kinds."""
+        try:
+            manifest = Manifest.from_json(manifest_json)
+        except ManifestError as exc:
+            raise InstallError(str(exc)) from None
+        wanted = [a for a in manifest.artifacts if a.kind in set(kinds)]
+        if not wanted:
+            raise InstallError(f"version {manifest.version} has none of the artifact kinds {sorted(kinds)}")
+        final = self.version_dir(manifest.version)
+        if not final.exists():
+            staging = self.root / f".staging-v{manifest.version}"
+            staging.mkdir(exist_ok=True)
+            for artifact in wanted:
+                path = staging / artifact.name
+                if not (path.exists() and path.stat().st_size == artifact.size):
+                    fetch(artifact, path)
+                self._verify(path, artifact)
+                fsync_path(path)
+            write_atomically(staging / MANIFEST_NAME, manifest.to_json())
+            staging.rename(final)
+            fsync_path(self.root)
+        try:
+            smoke_test(final, manifest)
+        except Exception as exc:
+            shutil.rmtree(final, ignore_errors=True)
+            raise InstallError(f"version {manifest.version} failed its smoke test: {exc}") from exc
+        self._switch(manifest.version)
+        self.prune()
+        return manifest.version
+
+    @staticmethod
+    def _verify(path: Path, artifact: Artifact) -> None:
+        size = path.stat().st_size
+        if size != artifact.size:
+            path.unlink()
+            raise InstallError(f"{artifact.name}: size {size} does not match the manifest's {artifact.size}")
+        digest = sha256_file(path)
+        if digest != artifact.sha256:
+            path.unlink()
+            raise InstallError(f"{artifact.name}: sha256 {digest[:12]}… does not match the manifest")
+
+    def _switch(self, version: int) -> None:
+        good = [v for v in self.good_versions() if v != version] + [version]
+        write_atomically(self.root / GOOD, " ".join(map(str, good)).encode())
+        write_atomically(self.root / CURRENT, str(version).encode())
+
+    def rollback(self, reason: str = "") -> int:
+        """Go back to the newest good version before the current one; returns it (0: none left)."""
+        current = self.current_version()
+        good = [v for v in self.good_versions() if v != current]
+        write_atomically(self.root / GOOD, " ".join(map(str, good)).encode())
+        previous = good[-1] if good else 0
+        write_atomically(self.root / CURRENT, str(previous).encode())
+        return previous
+
+    def prune(self, keep_versions: int | None = None) -> list[int]:
+        """Remove all but the newest good versions (and leftover staging folders); returns what went."""
+        keep = self.keep_versions if keep_versions is None else keep_versions
+        keep_set = set(self.good_versions()[-keep:]) | {self.current_version()}
+        removed = []
+        for version in self.installed_versions():
+            if version not in keep_set:
+                shutil.rmtree(self.version_dir(version), ignore_errors=True)
+                removed.append(version)
+        for child in self.root.glob(".staging-v*"):
+            if child.name[len(".staging-v") :].isdigit() and int(child.name[len(".staging-v") :]) in keep_set:
+                shutil.rmtree(child, ignore_errors=True)
+        return removed
+
+    def storage_report(self) -> list[StoredArtifact]:
+        report = []
+        for version in self.installed_versions():
+            manifest = self.manifest(version)
+            kinds = {a.name: a.kind for a in manifest.artifacts} if manifest else {}
+            for path in sorted(self.version_dir(version).iterdir()):
+                kind = "manifest" if path.name == MANIFEST_NAME else kinds.get(path.name, "other")
+                report.append(StoredArtifact(version, path.name, kind, path.stat().st_size))
+        return report

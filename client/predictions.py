@@ -1,0 +1,88 @@
+"""The prediction cache and the coordinator's corrections, in the journal's database."""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+
+import sqlite_utils
+
+
+@dataclass(frozen=True, slots=True)
+class CachedPrediction:
+    label: int
+    confidence: float
+    corrected: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StoredCorrection:
+    input_hash: bytes
+    label: int
+    confidence: float
+    model_version: int
+    cursor: int
+
+
+def create_prediction_tables(db: sqlite_utils.Database) -> None:
+    if "prediction_cache" not in db.table_names():
+        db["prediction_cache"].create(
+            {"input_hash": bytes, "model_version": int, "label": int, "confidence": float, "corrected": int},
+            pk=("input_hash", "model_version"),
+            not_null={"label", "confidence", "corrected"},
+        )
+    if "corrections" not in db.table_names():
+        db["corrections"].create(
+            {"input_hash": bytes, "label": int, "confidence": float, "model_version": int, "cursor": int},
+            pk="input_hash",
+        )
+
+
+class PredictionCache:
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def get(self, input_hash: bytes, model_version: int) -> CachedPrediction | None:
+        row = self.conn.execute(
+            "SELECT label, confidence, corrected FROM prediction_cache WHERE input_hash = ? AND model_version = ?",
+            (input_hash, model_version),
+        ).fetchone()
+        return None if row is None else CachedPrediction(int(row[0]), float(row[1]), bool(row[2]))
+
+    def put(
+        self, input_hash: bytes, model_version: int, label: int, confidence: float, corrected: bool
+    ) -> None:
+        self.conn.execute(
+            "INSERT OR REPLACE INTO prediction_cache VALUES (?, ?, ?, ?, ?)",
+            (input_hash, model_version, label, confidence, int(corrected)),
+        )
+
+    def correction(self, input_hash: bytes) -> StoredCorrection | None:
+        row = self.conn.execute(
+            "SELECT input_hash, label, confidence, model_version, cursor FROM corrections WHERE input_hash = ?",
+            (input_hash,),
+        ).fetchone()
+        return None if row is None else StoredCorrection(*row)
+
+    def apply_correction(self, correction: StoredCorrection) -> None:
+        """Record a correction and overwrite the cached label of that input, for every model version."""
+        self.conn.execute(
+            "INSERT OR REPLACE INTO corrections VALUES (?, ?, ?, ?, ?)",
+            (
+                correction.input_hash,
+                correction.label,
+                correction.confidence,
+                correction.model_version,
+                correction.cursor,
+            ),
+        )
+        self.conn.execute(
+            "UPDATE prediction_cache SET label = ?, corrected = 1 WHERE input_hash = ?",
+            (correction.label, correction.input_hash),
+        )
+
+    def corrections(self) -> list[StoredCorrection]:
+        rows = self.conn.execute(
+            "SELECT input_hash, label, confidence, model_version, cursor FROM corrections ORDER BY cursor"
+        ).fetchall()
+        return [StoredCorrection(*row) for row in rows]

@@ -1,0 +1,256 @@
+"""One sync session with a coordinator: push pending events and deltas, pull corrections and the model.
+
+Order matters for exactly-once: the client resumes from the coordinator's durable high-water
+marks (Hello), and advances its own acknowledged marks only from the coordinator's acks, which
+are sent after the coordinator's commit.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+from tenacity import (
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from client.journal import JournalEvent
+from client.model_store import InstallError
+from client.predictions import StoredCorrection
+from fedsync.manifest import Artifact
+from fedsync.v1 import sync_pb2 as pb
+from fedsync.v1.sync_pb2_grpc import SyncStub
+from fedsync.wire import DEVICE_METADATA_KEY, channel_options
+
+if TYPE_CHECKING:
+    from client.edge import EdgeClient
+
+EVENT_BATCH_SIZE = 2048
+EVENT_WINDOW = 8  # batches in flight before waiting for acks: bounds memory and resend cost
+DELTA_CHUNK_BYTES = 1 << 20
+RETRYABLE = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED}
+)
+
+
+@dataclass
+class SyncReport:
+    events_sent: int = 0
+    events_duplicates: int = 0
+    deltas_sent: int = 0
+    deltas_rejected: int = 0
+    corrections_applied: int = 0
+    model_version: int = 0
+    installed_version: int | None = None
+    install_error: str | None = None
+    bytes_up: int = 0
+    bytes_down: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def _is_retryable(exc: BaseException) -> bool:
+    return isinstance(exc, grpc.RpcError) and exc.code() in RETRYABLE
+
+
+def sync_with_retries(client: EdgeClient, address: str, *, timeout_s: float, attempts: int) -> SyncReport:
+    retrying = Retrying(
+        stop=stop_after_attempt(attempts),
+        wait=wait_exponential_jitter(initial=0.1, max=5.0),
+        retry=retry_if_exception(_is_retryable),
+        reraise=True,
+    )
+    return retrying(sync_once, client, address, timeout_s=timeout_s)
+
+
+def sync_once(client: EdgeClient, address: str, *, timeout_s: float = 30.0) -> SyncReport:
+    with grpc.insecure_channel(address, options=channel_options()) as channel:
+        session = _Session(client, SyncStub(channel), timeout_s)
+        return session.run()
+
+
+class _Session:
+    def __init__(self, client: EdgeClient, stub: SyncStub, timeout_s: float) -> None:
+        self.client = client
+        self.stub = stub
+        self.timeout_s = timeout_s
+        self.metadata = ((DEVICE_METADATA_KEY, client.device_id),)
+        self.report = SyncReport()
+
+    def run(self) -> SyncReport:
+        journal = self.client.journal
+        hello = self.stub.Hello(
+            pb.HelloRequest(model_version=self.client.model_version, client_version="fedsync/0.1"),
+            metadata=self.metadata,
+            timeout=self.timeout_s,
+        )
+        # An ack may have been lost after the coordinator's commit: its marks are the truth.
+        journal.ack_events(hello.events_high_water)
+        if journal.last_event_seq() > hello.events_high_water:
+            self._push_events(hello.events_high_water)
+        if journal.deltas_acked() < hello.deltas_high_water:
+            journal.ack_delta(hello.deltas_high_water, "sent")
+        self._push_deltas(hello.deltas_high_water)
+        self._pull_corrections()
+        self._pull_model()
+        self.report.model_version = self.client.model_version
+        return self.report
+
+    # -- events --------------------------------------------------------------------------
+
+    def _push_events(self, high_water: int) -> None:
+        journal = self.client.journal
+        window = threading.Semaphore(EVENT_WINDOW)
+        failures: queue.SimpleQueue[BaseException] = queue.SimpleQueue()
+        stop = threading.Event()
+
+        def batches() -> Iterator[pb.EventBatch]:
+            try:
+                for events in journal.iter_event_batches(high_water, EVENT_BATCH_SIZE):
+                    while not window.acquire(timeout=0.1):
+                        if stop.is_set():
+                            return
+                    if stop.is_set():
+                        return
+                    message = pb.EventBatch(events=[_event_message(e) for e in events])
+                    self.report.bytes_up += message.ByteSize()
+                    yield message
+            except BaseException as exc:  # surfaced to the caller below
+                failures.put(exc)
+
+        responses = self.stub.PushEvents(batches(), metadata=self.metadata, timeout=self.timeout_s * 10)
+        try:
+            for ack in responses:
+                journal.ack_events(ack.high_water)
+                self.report.events_sent += ack.accepted
+                self.report.events_duplicates += ack.duplicates
+                window.release()
+        finally:
+            stop.set()
+        if not failures.empty():
+            raise failures.get()
+
+    # -- deltas --------------------------------------------------------------------------
+
+    def _push_deltas(self, high_water: int) -> None:
+        journal = self.client.journal
+        for delta in journal.pending_deltas(high_water):
+            specs = [
+                pb.TensorSpec(name=s["name"], shape=s["shape"], dtype=s["dtype"])
+                for s in json.loads(delta.tensor_specs)
+            ]
+            header = pb.DeltaHeader(
+                seq=delta.seq,
+                base_version=delta.base_version,
+                num_examples=delta.num_examples,
+                codec=delta.codec,
+                tensors=specs,
+                payload_size=len(delta.payload),
+                payload_sha256=delta.payload_sha256,
+                train_loss=delta.train_loss,
+            )
+
+            def chunks(
+                header: pb.DeltaHeader = header, payload: bytes = delta.payload
+            ) -> Iterator[pb.DeltaChunk]:
+                yield pb.DeltaChunk(header=header)
+                view = memoryview(payload)
+                for start in range(0, len(view), DELTA_CHUNK_BYTES):
+                    yield pb.DeltaChunk(data=bytes(view[start : start + DELTA_CHUNK_BYTES]))
+
+            try:
+                ack = self.stub.PushDelta(chunks(), metadata=self.metadata, timeout=self.timeout_s)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                    raise
+                # The coordinator recorded the rejection durably; don't send this delta again.
+                journal.ack_delta(delta.seq, "rejected", exc.details() or "")
+                self.report.deltas_rejected += 1
+                self.report.notes.append(exc.details() or f"delta {delta.seq} rejected")
+                continue
+            self.report.bytes_up += len(delta.payload)
+            if ack.status == pb.DeltaAck.REJECTED:
+                journal.ack_delta(delta.seq, "rejected", ack.reason)
+                self.report.deltas_rejected += 1
+            else:
+                journal.ack_delta(delta.seq, "sent")
+                self.report.deltas_sent += ack.status == pb.DeltaAck.ACCEPTED
+
+    # -- corrections ---------------------------------------------------------------------
+
+    def _pull_corrections(self) -> None:
+        journal = self.client.journal
+        cursor = journal.get_meta("corrections_cursor")
+        while True:
+            response = self.stub.PullCorrections(
+                pb.PullCorrectionsRequest(after_cursor=cursor, limit=1000),
+                metadata=self.metadata,
+                timeout=self.timeout_s,
+            )
+            self.report.bytes_down += response.ByteSize()
+            with journal.transaction():
+                for c in response.corrections:
+                    self.client.cache.apply_correction(
+                        StoredCorrection(c.input_hash, c.label, c.confidence, c.model_version, c.cursor)
+                    )
+                cursor = max(cursor, response.cursor)
+                journal.set_meta("corrections_cursor", cursor)
+            self.report.corrections_applied += len(response.corrections)
+            if not response.more:
+                return
+
+    # -- model ---------------------------------------------------------------------------
+
+    def _pull_model(self) -> None:
+        info = self.stub.GetModelInfo(
+            pb.GetModelInfoRequest(), metadata=self.metadata, timeout=self.timeout_s
+        )
+        if info.version == 0 or info.version <= self.client.model_version:
+            return
+        try:
+            installed = self.client.models.install(
+                info.manifest_json,
+                fetch=lambda artifact, path: self._download(info.version, artifact, path),
+                smoke_test=self.client.smoke_test,
+                kinds=self.client.wanted_artifact_kinds(),
+            )
+        except InstallError as exc:
+            self.report.install_error = str(exc)
+            return
+        self.report.installed_version = installed
+
+    def _download(self, version: int, artifact: Artifact, path: Path) -> None:
+        offset = path.stat().st_size if path.exists() else 0
+        if offset > artifact.size:
+            path.unlink()
+            offset = 0
+        with open(path, "ab") as f:
+            request = pb.DownloadArtifactRequest(version=version, name=artifact.name, offset=offset)
+            for chunk in self.stub.DownloadArtifact(request, metadata=self.metadata, timeout=self.timeout_s):
+                if chunk.offset != f.tell():
+                    raise InstallError(
+                        f"{artifact.name}: chunk at offset {chunk.offset}, expected {f.tell()}"
+                    )
+                f.write(chunk.data)
+                self.report.bytes_down += len(chunk.data)
+            f.flush()
+
+
+def _event_message(event: JournalEvent) -> pb.InferenceEvent:
+    return pb.InferenceEvent(
+        seq=event.seq,
+        input_hash=event.input_hash,
+        label=event.label,
+        confidence=event.confidence,
+        model_version=event.model_version,
+        latency_us=event.latency_us or 0.0,
+        time_unix_ns=event.time_ns,
+    )

@@ -1,0 +1,122 @@
+"""Publishing global model versions: Keras model, float32 and int8 .tflite, manifest with sha256s.
+
+A version is written into `.staging-vN/` and renamed to `vN/` once complete, so a crash never
+leaves a half-written version where clients could download it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedsync.manifest import (
+    KERAS,
+    MANIFEST_NAME,
+    TFLITE_FLOAT32,
+    TFLITE_INT8,
+    TFLITE_TRAINABLE_HEAD,
+    Manifest,
+    TensorInfo,
+    describe_artifact,
+    fsync_path,
+    write_atomically,
+)
+from fedsync.model import INPUT_NAME, LABELS, NUM_FEATURES, PREPROCESSING, Weights
+
+
+@dataclass(frozen=True)
+class EvaluationData:
+    """The coordinator's own held-out set: evaluation and int8 calibration."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+
+class ModelPublisher:
+    def __init__(
+        self,
+        models_dir: Path,
+        evaluation: EvaluationData,
+        hidden_units: int = 32,
+        int8: bool = True,
+        trainable_head: bool = True,
+    ) -> None:
+        from fedsync.model import build_model
+
+        self.models_dir = Path(models_dir)
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        self.evaluation = evaluation
+        self.int8 = int8
+        self.trainable_head = trainable_head
+        self.model = build_model(hidden_units)
+
+    def initial_weights(self) -> Weights:
+        from fedsync.model import get_weights
+
+        return get_weights(self.model)
+
+    def version_dir(self, version: int) -> Path:
+        return self.models_dir / f"v{version}"
+
+    def evaluate(self, weights: Weights) -> dict[str, float]:
+        from fedsync.model import set_weights
+
+        set_weights(self.model, weights)
+        probs = self.model(self.evaluation.x, training=False).numpy()
+        labels = np.asarray(self.evaluation.y)
+        accuracy = float(np.mean(np.argmax(probs, axis=1) == labels))
+        loss = float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1.0))))
+        return {"accuracy": accuracy, "loss": loss}
+
+    def publish(self, version: int, parent_version: int, weights: Weights) -> Manifest:
+        from fedsync import tflite_export
+
+        metrics = self.evaluate(weights)  # also loads the weights into self.model
+        staging = self.models_dir / f".staging-v{version}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        self.model.save(staging / "model.keras")
+        (staging / "model.tflite").write_bytes(tflite_export.to_tflite_float32(self.model))
+        artifacts = [
+            describe_artifact(staging / "model.tflite", TFLITE_FLOAT32),
+            describe_artifact(staging / "model.keras", KERAS),
+        ]
+        if self.int8:
+            (staging / "model-int8.tflite").write_bytes(
+                tflite_export.to_tflite_int8(self.model, self.evaluation.x)
+            )
+            artifacts.append(describe_artifact(staging / "model-int8.tflite", TFLITE_INT8))
+        if self.trainable_head:
+            (staging / "head-trainable.tflite").write_bytes(tflite_export.to_trainable_head_tflite(self.model))
+            artifacts.append(describe_artifact(staging / "head-trainable.tflite", TFLITE_TRAINABLE_HEAD))
+        manifest = Manifest(
+            version=version,
+            parent_version=parent_version,
+            created_unix=time.time(),
+            artifacts=artifacts,
+            inputs=[TensorInfo(INPUT_NAME, [-1, NUM_FEATURES], "float32")],
+            outputs=[TensorInfo("probs", [-1, len(LABELS)], "float32")],
+            labels=list(LABELS),
+            preprocessing=PREPROCESSING,
+            metrics=metrics,
+            weights=[TensorInfo(name, list(array.shape), "float32") for name, array in weights.items()],
+        )
+        write_atomically(staging / MANIFEST_NAME, manifest.to_json())
+        for path in staging.iterdir():
+            fsync_path(path)
+        final = self.version_dir(version)
+        shutil.rmtree(final, ignore_errors=True)  # a leftover of a crash before the version was committed
+        staging.rename(final)
+        fsync_path(self.models_dir)
+        return manifest
+
+    def load_weights(self, version: int) -> Weights:
+        import keras
+
+        from fedsync.model import get_weights
+
+        return get_weights(keras.models.load_model(self.version_dir(version) / "model.keras", compile=False))

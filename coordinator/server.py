@@ -1,0 +1,117 @@
+"""A running coordinator: store, aggregator, gRPC server, and the background aggregation loop."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+
+from coordinator.aggregator import Aggregator, PublishedVersion
+from coordinator.publisher import EvaluationData, ModelPublisher
+from coordinator.service import SyncService
+from coordinator.store import CoordinatorStore
+from fedsync.aggregation import Strategy
+from fedsync.conflicts import ConflictPolicy
+from fedsync.model import LABELS
+from fedsync.v1.sync_pb2_grpc import add_SyncServicer_to_server
+from fedsync.wire import channel_options
+
+log = logging.getLogger(__name__)
+
+
+class AddressInUseError(OSError):
+    """The coordinator could not bind its address."""
+
+
+def default_evaluation(seed: int = 0) -> EvaluationData:
+    from fedsync.sim.data import load_digits_split
+
+    _, test = load_digits_split(seed=seed)
+    return EvaluationData(test.x, test.y)
+
+
+class Coordinator:
+    """Owns a data folder: `coordinator.db` (SQLite) and `models/vN/` (published versions)."""
+
+    def __init__(
+        self,
+        data_dir: Path | str,
+        *,
+        strategy: Strategy | None = None,
+        policy: ConflictPolicy | None = None,
+        evaluation: EvaluationData | None = None,
+        hidden_units: int = 32,
+        publish_int8: bool = True,
+        publish_trainable_head: bool = True,
+        auto_aggregate: bool = True,
+        max_workers: int = 16,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.strategy = strategy or Strategy.fedbuff(buffer_size=10)
+        self.store = CoordinatorStore(self.data_dir / "coordinator.db", num_labels=len(LABELS), policy=policy)
+        self.publisher = ModelPublisher(
+            self.data_dir / "models",
+            evaluation or default_evaluation(),
+            hidden_units=hidden_units,
+            int8=publish_int8,
+            trainable_head=publish_trainable_head,
+        )
+        self.aggregator = Aggregator(self.store, self.publisher, self.strategy)
+        self.auto_aggregate = auto_aggregate
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._loop: threading.Thread | None = None
+        self.service = SyncService(self.store, self.aggregator, self.data_dir / "models", on_delta=self._wake.set)
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=channel_options())
+        add_SyncServicer_to_server(self.service, self.server)
+        self.port = 0
+
+    @property
+    def version(self) -> int:
+        return self.aggregator.version
+
+    def start(self, address: str = "127.0.0.1:0") -> int:
+        try:
+            self.port = self.server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise AddressInUseError(f"cannot listen on {address}: {exc}") from None
+        if self.port == 0:
+            raise AddressInUseError(f"cannot listen on {address}: address in use or invalid")
+        self.server.start()
+        if self.auto_aggregate:
+            self._loop = threading.Thread(target=self._aggregation_loop, name="fedsync-aggregator", daemon=True)
+            self._loop.start()
+        return self.port
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def aggregate_now(self, force: bool = True) -> PublishedVersion | None:
+        return self.aggregator.maybe_aggregate(force=force)
+
+    def _aggregation_loop(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.wait(timeout=1.0)
+            self._wake.clear()
+            if self._stopping.is_set():
+                return
+            try:
+                self.aggregator.maybe_aggregate()
+            except Exception:  # keep serving; the buffer stays for the next attempt
+                log.exception("aggregation failed")
+
+    def wait(self) -> None:
+        self.server.wait_for_termination()
+
+    def stop(self, grace_s: float = 1.0) -> None:
+        self._stopping.set()
+        self._wake.set()
+        self.server.stop(grace_s).wait()
+        if self._loop is not None:
+            self._loop.join(timeout=30)
+        self.store.close()

@@ -1,0 +1,227 @@
+"""The gRPC Sync service: validates every request, commits before acknowledging, maps errors to codes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+
+from coordinator.aggregator import Aggregator, encoded_delta
+from coordinator.store import CoordinatorStore, EventRow, StoreError
+from fedsync.aggregation import DeltaRejected, validate_delta
+from fedsync.codecs import CodecError, get_codec
+from fedsync.manifest import Manifest
+from fedsync.v1 import sync_pb2 as pb
+from fedsync.v1.sync_pb2_grpc import SyncServicer
+from fedsync.wire import DEVICE_METADATA_KEY, valid_device_id
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_BYTES = 1 << 20
+MAX_CHUNK_BYTES = 4 << 20
+MAX_DELTA_BYTES = 256 << 20
+MAX_EVENTS_PER_BATCH = 65_536
+MAX_CORRECTIONS_PER_PAGE = 10_000
+_STORE_CODES = {"invalid": grpc.StatusCode.INVALID_ARGUMENT, "precondition": grpc.StatusCode.FAILED_PRECONDITION}
+
+
+def device_of(context: grpc.ServicerContext) -> str:
+    metadata = dict(context.invocation_metadata())
+    device_id = metadata.get(DEVICE_METADATA_KEY, "")
+    if not isinstance(device_id, str) or not valid_device_id(device_id):
+        context.abort(
+            grpc.StatusCode.UNAUTHENTICATED,
+            f"missing or malformed '{DEVICE_METADATA_KEY}' metadata (1-64 of A-Z a-z 0-9 . _ -)",
+        )
+    return device_id
+
+
+class SyncService(SyncServicer):
+    def __init__(
+        self,
+        store: CoordinatorStore,
+        aggregator: Aggregator,
+        models_dir: Path,
+        on_delta: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.store = store
+        self.aggregator = aggregator
+        self.models_dir = Path(models_dir)
+        self.on_delta = on_delta
+
+    def Hello(self, request: pb.HelloRequest, context: grpc.ServicerContext) -> pb.HelloResponse:
+        device = device_of(context)
+        events_hw, deltas_hw = self.store.touch_device(device, request.model_version)
+        return pb.HelloResponse(
+            events_high_water=events_hw,
+            deltas_high_water=deltas_hw,
+            current_model_version=self.aggregator.version,
+        )
+
+    def PushEvents(self, request_iterator: Iterator[pb.EventBatch], context: grpc.ServicerContext) -> Iterator[pb.EventAck]:
+        device = device_of(context)
+        for batch in request_iterator:
+            if len(batch.events) > MAX_EVENTS_PER_BATCH:
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"batch of {len(batch.events)} events exceeds the limit of {MAX_EVENTS_PER_BATCH}",
+                )
+            rows = [
+                EventRow(e.seq, e.input_hash, e.label, e.confidence, e.model_version, e.latency_us, e.time_unix_ns)
+                for e in batch.events
+            ]
+            try:
+                result = self.store.add_events(device, rows)
+            except StoreError as exc:
+                context.abort(_STORE_CODES[exc.kind], str(exc))
+            yield pb.EventAck(high_water=result.high_water, accepted=result.accepted, duplicates=result.duplicates)
+
+    def PushDelta(self, request_iterator: Iterator[pb.DeltaChunk], context: grpc.ServicerContext) -> pb.DeltaAck:
+        device = device_of(context)
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("part") != "header":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first DeltaChunk must carry the header")
+        header = first.header
+        if header.payload_size > MAX_DELTA_BYTES:
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"delta of {header.payload_size} bytes exceeds the limit of {MAX_DELTA_BYTES}",
+            )
+        _, deltas_hw = self.store.high_waters(device)
+        if header.seq <= deltas_hw:
+            return self._replayed_delta(device, header, deltas_hw, context)
+        if header.seq != deltas_hw + 1:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, f"sequence gap: expected delta {deltas_hw + 1}, got {header.seq}"
+            )
+        payload = bytearray()
+        for chunk in request_iterator:
+            if chunk.WhichOneof("part") != "data":
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "only the first DeltaChunk may carry a header")
+            if len(payload) + len(chunk.data) > header.payload_size:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "delta payload is longer than its header says")
+            payload += chunk.data
+        if len(payload) != header.payload_size:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"delta payload ended after {len(payload)} of {header.payload_size} bytes",
+            )
+        if hashlib.sha256(payload).digest() != header.payload_sha256:
+            context.abort(grpc.StatusCode.DATA_LOSS, "delta payload does not match its sha256")
+        return self._store_delta(device, header, bytes(payload), context)
+
+    def _replayed_delta(
+        self, device: str, header: pb.DeltaHeader, deltas_hw: int, context: grpc.ServicerContext
+    ) -> pb.DeltaAck:
+        stored = self.store.delta_status(device, header.seq)
+        if stored is None or stored[2] != header.payload_sha256:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"delta {header.seq} was already stored with different content: refusing the replay",
+            )
+        status = pb.DeltaAck.REJECTED if stored[0] == "rejected" else pb.DeltaAck.DUPLICATE
+        return pb.DeltaAck(seq=header.seq, status=status, reason=stored[1], deltas_high_water=deltas_hw)
+
+    def _store_delta(
+        self, device: str, header: pb.DeltaHeader, payload: bytes, context: grpc.ServicerContext
+    ) -> pb.DeltaAck:
+        specs_json = json.dumps([{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in header.tensors])
+        staleness = self.aggregator.staleness_of(header.base_version)
+        common = dict(
+            device_id=device,
+            seq=header.seq,
+            base_version=header.base_version,
+            num_examples=header.num_examples,
+            codec=header.codec,
+            tensor_specs=specs_json,
+            payload_sha256=header.payload_sha256,
+            train_loss=header.train_loss,
+            staleness=staleness,
+        )
+        problem = self._delta_problem(header, specs_json, payload, staleness)
+        try:
+            if problem is not None:
+                # Record the refusal durably so a retransmission gets the same answer.
+                hw = self.store.add_delta(**common, payload=None, status="rejected", reason=problem)
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"delta {header.seq} rejected: {problem}")
+            reason = self.aggregator.strategy.accepts(staleness)
+            status = "rejected" if reason else "buffered"
+            hw = self.store.add_delta(**common, payload=payload, status=status, reason=reason or "")
+        except StoreError as exc:
+            context.abort(_STORE_CODES[exc.kind], str(exc))
+        if reason:
+            return pb.DeltaAck(
+                seq=header.seq, status=pb.DeltaAck.REJECTED, reason=f"{reason} (staleness {staleness})", deltas_high_water=hw
+            )
+        self.on_delta()
+        return pb.DeltaAck(seq=header.seq, status=pb.DeltaAck.ACCEPTED, deltas_high_water=hw)
+
+    def _delta_problem(self, header: pb.DeltaHeader, specs_json: str, payload: bytes, staleness: int) -> str | None:
+        if header.num_examples == 0:
+            return "num_examples must be positive"
+        if staleness < 0:
+            return f"base version {header.base_version} is newer than the current version {self.aggregator.version}"
+        try:
+            get_codec(header.codec)
+            delta = encoded_delta(header.codec, specs_json, payload)
+            delta.check()
+            validate_delta(delta, self.aggregator.reference_weights())
+        except (CodecError, ValueError) as exc:
+            return f"codec: {exc}"
+        except DeltaRejected as exc:
+            return str(exc)
+        return None
+
+    def PullCorrections(
+        self, request: pb.PullCorrectionsRequest, context: grpc.ServicerContext
+    ) -> pb.PullCorrectionsResponse:
+        device = device_of(context)
+        limit = min(request.limit or 1000, MAX_CORRECTIONS_PER_PAGE)
+        rows = self.store.corrections_after(device, request.after_cursor, limit + 1)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return pb.PullCorrectionsResponse(
+            corrections=[
+                pb.Correction(
+                    cursor=r.cursor,
+                    input_hash=r.input_hash,
+                    label=r.label,
+                    confidence=r.confidence,
+                    model_version=r.model_version,
+                )
+                for r in rows
+            ],
+            cursor=rows[-1].cursor if rows else request.after_cursor,
+            more=more,
+        )
+
+    def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
+        device_of(context)
+        return pb.ModelInfo(version=self.aggregator.version, manifest_json=self.aggregator.manifest_json)
+
+    def DownloadArtifact(
+        self, request: pb.DownloadArtifactRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.ArtifactChunk]:
+        device_of(context)
+        version_dir = self.models_dir / f"v{request.version}"
+        manifest_path = version_dir / "manifest.json"
+        if not manifest_path.exists():
+            context.abort(grpc.StatusCode.NOT_FOUND, f"model version {request.version} is not published")
+        manifest = Manifest.from_json(manifest_path.read_bytes())
+        if request.name not in {a.name for a in manifest.artifacts}:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"version {request.version} has no artifact {request.name!r}")
+        path = version_dir / request.name
+        total = path.stat().st_size
+        if request.offset > total:
+            context.abort(grpc.StatusCode.OUT_OF_RANGE, f"offset {request.offset} is past the end ({total} bytes)")
+        chunk_size = min(request.chunk_size or DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES)
+        with open(path, "rb") as f:
+            f.seek(request.offset)
+            offset = request.offset
+            while data := f.read(chunk_size):
+                yield pb.ArtifactChunk(offset=offset, data=data, total_size=total)
+                offset += len(data)

@@ -1,0 +1,531 @@
+"""The coordinator's durable state in SQLite: devices and their high-water marks, events, deltas,
+published versions, conflict resolutions and corrections.
+
+Every write that a client will be told about happens inside one transaction committed with
+synchronous=FULL before the acknowledgement is sent.
+"""
+
+from __future__ import annotations
+
+import functools
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ParamSpec, TypeVar
+
+from fedsync.conflicts import ConflictPolicy, Observation, highest_confidence
+from fedsync.wire import INPUT_HASH_BYTES
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS devices (
+    device_id TEXT PRIMARY KEY,
+    events_high_water INTEGER NOT NULL DEFAULT 0,
+    deltas_high_water INTEGER NOT NULL DEFAULT 0,
+    model_version INTEGER NOT NULL DEFAULT 0,
+    first_seen_ns INTEGER NOT NULL,
+    last_seen_ns INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    device_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    input_hash BLOB NOT NULL,
+    label INTEGER NOT NULL,
+    confidence REAL NOT NULL,
+    model_version INTEGER NOT NULL,
+    latency_us REAL NOT NULL,
+    time_ns INTEGER NOT NULL,
+    PRIMARY KEY (device_id, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS events_by_input ON events (input_hash);
+CREATE TABLE IF NOT EXISTS deltas (
+    device_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    base_version INTEGER NOT NULL,
+    num_examples INTEGER NOT NULL,
+    codec TEXT NOT NULL,
+    tensor_specs TEXT NOT NULL,
+    payload BLOB,
+    payload_sha256 BLOB NOT NULL,
+    train_loss REAL NOT NULL,
+    received_ns INTEGER NOT NULL,
+    status TEXT NOT NULL,          -- buffered | aggregated | rejected
+    reason TEXT NOT NULL DEFAULT '',
+    staleness INTEGER,
+    aggregated_into INTEGER,
+    PRIMARY KEY (device_id, seq)
+);
+CREATE INDEX IF NOT EXISTS deltas_buffered ON deltas (status) WHERE status = 'buffered';
+CREATE TABLE IF NOT EXISTS versions (
+    version INTEGER PRIMARY KEY,
+    parent_version INTEGER NOT NULL,
+    created_ns INTEGER NOT NULL,
+    manifest_json BLOB NOT NULL,
+    num_deltas INTEGER NOT NULL,
+    accuracy REAL
+);
+CREATE TABLE IF NOT EXISTS resolutions (
+    input_hash BLOB PRIMARY KEY,
+    label INTEGER NOT NULL,
+    confidence REAL NOT NULL,
+    model_version INTEGER NOT NULL,
+    device_id TEXT NOT NULL,
+    observations INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS corrections (
+    cursor INTEGER PRIMARY KEY AUTOINCREMENT,
+    device_id TEXT NOT NULL,
+    input_hash BLOB NOT NULL,
+    label INTEGER NOT NULL,
+    confidence REAL NOT NULL,
+    model_version INTEGER NOT NULL,
+    created_ns INTEGER NOT NULL,
+    UNIQUE (device_id, input_hash, label)
+);
+CREATE INDEX IF NOT EXISTS corrections_by_device ON corrections (device_id, cursor);
+"""
+
+
+class StoreError(Exception):
+    """A request the store refuses; `kind` maps to a gRPC status code in the service."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind  # invalid | precondition
+
+
+@dataclass(frozen=True, slots=True)
+class EventRow:
+    seq: int
+    input_hash: bytes
+    label: int
+    confidence: float
+    model_version: int
+    latency_us: float
+    time_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    high_water: int
+    accepted: int
+    duplicates: int
+    conflicts_touched: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoredDelta:
+    device_id: str
+    seq: int
+    base_version: int
+    num_examples: int
+    codec: str
+    tensor_specs: str
+    payload: bytes
+    received_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class CorrectionRow:
+    cursor: int
+    input_hash: bytes
+    label: int
+    confidence: float
+    model_version: int
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _locked(method: Callable[P, R]) -> Callable[P, R]:
+    """One connection is shared by the gRPC worker threads and the aggregator: serialize its use."""
+
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with args[0]._lock:  # type: ignore[attr-defined]
+            return method(*args, **kwargs)
+
+    return wrapper
+
+
+class CoordinatorStore:
+    def __init__(self, path: Path, num_labels: int, policy: ConflictPolicy | None = None) -> None:
+        self.path = Path(path)
+        self.num_labels = num_labels
+        self.policy = policy or highest_confidence()
+        self._lock = threading.RLock()
+        self.conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=False)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=FULL")
+        self.conn.executescript(SCHEMA)
+
+    @_locked
+    def close(self) -> None:
+        self.conn.close()
+
+    def _begin(self) -> None:
+        self.conn.execute("BEGIN IMMEDIATE")
+
+    # -- devices --------------------------------------------------------------------------
+
+    @_locked
+    def touch_device(self, device_id: str, model_version: int | None = None) -> tuple[int, int]:
+        """Register or refresh a device; returns its (events, deltas) high-water marks."""
+        now = time.time_ns()
+        self._begin()
+        try:
+            self.conn.execute(
+                "INSERT INTO devices (device_id, first_seen_ns, last_seen_ns) VALUES (?, ?, ?) "
+                "ON CONFLICT(device_id) DO UPDATE SET last_seen_ns = excluded.last_seen_ns",
+                (device_id, now, now),
+            )
+            if model_version is not None:
+                self.conn.execute(
+                    "UPDATE devices SET model_version = ? WHERE device_id = ?", (model_version, device_id)
+                )
+            row = self.conn.execute(
+                "SELECT events_high_water, deltas_high_water FROM devices WHERE device_id = ?", (device_id,)
+            ).fetchone()
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        return int(row[0]), int(row[1])
+
+    @_locked
+    def high_waters(self, device_id: str) -> tuple[int, int]:
+        row = self.conn.execute(
+            "SELECT events_high_water, deltas_high_water FROM devices WHERE device_id = ?", (device_id,)
+        ).fetchone()
+        return (0, 0) if row is None else (int(row[0]), int(row[1]))
+
+    # -- events ---------------------------------------------------------------------------
+
+    @_locked
+    def add_events(self, device_id: str, events: Sequence[EventRow]) -> BatchResult:
+        """Commit a batch exactly once: retransmitted seqs are checked and skipped, new ones stored,
+        and conflicts on their inputs re-resolved, all in one transaction."""
+        self._validate_events(events)
+        self._begin()
+        try:
+            result = self._add_events_locked(device_id, events)
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        return result
+
+    def _validate_events(self, events: Sequence[EventRow]) -> None:
+        previous = 0
+        for e in events:
+            if e.seq <= previous:
+                raise StoreError(
+                    "invalid", f"event seqs must be positive and strictly increasing (seq {e.seq})"
+                )
+            previous = e.seq
+            if len(e.input_hash) != INPUT_HASH_BYTES:
+                raise StoreError("invalid", f"event {e.seq}: input_hash must be {INPUT_HASH_BYTES} bytes")
+            if not 0 <= e.label < self.num_labels:
+                raise StoreError(
+                    "invalid", f"event {e.seq}: label {e.label} outside 0..{self.num_labels - 1}"
+                )
+            if not 0.0 <= e.confidence <= 1.0:  # also false for NaN
+                raise StoreError("invalid", f"event {e.seq}: confidence {e.confidence} outside [0, 1]")
+
+    def _add_events_locked(self, device_id: str, events: Sequence[EventRow]) -> BatchResult:
+        now = time.time_ns()
+        self.conn.execute(
+            "INSERT INTO devices (device_id, first_seen_ns, last_seen_ns) VALUES (?, ?, ?) "
+            "ON CONFLICT(device_id) DO UPDATE SET last_seen_ns = excluded.last_seen_ns",
+            (device_id, now, now),
+        )
+        (high_water,) = self.conn.execute(
+            "SELECT events_high_water FROM devices WHERE device_id = ?", (device_id,)
+        ).fetchone()
+        replayed = [e for e in events if e.seq <= high_water]
+        fresh = [e for e in events if e.seq > high_water]
+        if replayed:
+            self._check_replay(device_id, replayed)
+        if fresh and fresh[0].seq != high_water + 1:
+            raise StoreError(
+                "precondition", f"sequence gap: expected event {high_water + 1}, got {fresh[0].seq}"
+            )
+        for expected, e in enumerate(fresh, start=high_water + 1):
+            if e.seq != expected:
+                raise StoreError("precondition", f"sequence gap: expected event {expected}, got {e.seq}")
+        if fresh:
+            self.conn.executemany(
+                "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        device_id,
+                        e.seq,
+                        e.input_hash,
+                        e.label,
+                        e.confidence,
+                        e.model_version,
+                        e.latency_us,
+                        e.time_ns,
+                    )
+                    for e in fresh
+                ],
+            )
+            high_water = fresh[-1].seq
+            self.conn.execute(
+                "UPDATE devices SET events_high_water = ? WHERE device_id = ?", (high_water, device_id)
+            )
+        touched = self._resolve_conflicts({e.input_hash for e in fresh})
+        return BatchResult(high_water, len(fresh), len(replayed), touched)
+
+    def _check_replay(self, device_id: str, replayed: Sequence[EventRow]) -> None:
+        stored = {
+            row[0]: row[1:]
+            for row in self.conn.execute(
+                "SELECT seq, input_hash, label, confidence, model_version FROM events "
+                "WHERE device_id = ? AND seq BETWEEN ? AND ?",
+                (device_id, replayed[0].seq, replayed[-1].seq),
+            )
+        }
+        for e in replayed:
+            if stored.get(e.seq) != (e.input_hash, e.label, e.confidence, e.model_version):
+                raise StoreError(
+                    "precondition",
+                    f"event {e.seq} was already stored with different content: refusing the replay",
+                )
+
+    def _resolve_conflicts(self, input_hashes: set[bytes]) -> int:
+        """Re-resolve every touched input that devices labelled differently; queue corrections."""
+        if not input_hashes:
+            return 0
+        hashes = list(input_hashes)
+        disputed: list[bytes] = []
+        for start in range(0, len(hashes), 500):
+            part = hashes[start : start + 500]
+            marks = ",".join("?" * len(part))
+            disputed += [
+                row[0]
+                for row in self.conn.execute(
+                    f"SELECT input_hash FROM events WHERE input_hash IN ({marks}) "
+                    "GROUP BY input_hash HAVING COUNT(DISTINCT label) > 1",
+                    part,
+                )
+            ]
+        now = time.time_ns()
+        for input_hash in disputed:
+            observations = [
+                Observation(input_hash, device, label, confidence, version, time_ns)
+                for device, label, confidence, version, time_ns in self.conn.execute(
+                    "SELECT device_id, label, confidence, model_version, time_ns FROM events WHERE input_hash = ?",
+                    (input_hash,),
+                )
+            ]
+            winner = self.policy.winner(observations)
+            assert winner is not None
+            self.conn.execute(
+                "INSERT OR REPLACE INTO resolutions VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    input_hash,
+                    winner.label,
+                    winner.confidence,
+                    winner.model_version,
+                    winner.device_id,
+                    len(observations),
+                ),
+            )
+            losers = sorted({o.device_id for o in observations if o.label != winner.label})
+            self.conn.executemany(
+                "INSERT OR IGNORE INTO corrections (device_id, input_hash, label, confidence, model_version, created_ns) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [(d, input_hash, winner.label, winner.confidence, winner.model_version, now) for d in losers],
+            )
+        return len(disputed)
+
+    @_locked
+    def corrections_after(self, device_id: str, cursor: int, limit: int) -> list[CorrectionRow]:
+        rows = self.conn.execute(
+            "SELECT cursor, input_hash, label, confidence, model_version FROM corrections "
+            "WHERE device_id = ? AND cursor > ? ORDER BY cursor LIMIT ?",
+            (device_id, cursor, limit),
+        ).fetchall()
+        return [CorrectionRow(*row) for row in rows]
+
+    # -- deltas ---------------------------------------------------------------------------
+
+    @_locked
+    def delta_status(self, device_id: str, seq: int) -> tuple[str, str, bytes] | None:
+        row = self.conn.execute(
+            "SELECT status, reason, payload_sha256 FROM deltas WHERE device_id = ? AND seq = ?",
+            (device_id, seq),
+        ).fetchone()
+        return None if row is None else (row[0], row[1], row[2])
+
+    def add_delta(
+        self,
+        device_id: str,
+        seq: int,
+        base_version: int,
+        num_examples: int,
+        codec: str,
+        tensor_specs: str,
+        payload: bytes | None,
+        payload_sha256: bytes,
+        train_loss: float,
+        status: str,
+        reason: str = "",
+        staleness: int | None = None,
+    ) -> int:
+        """Store a delta (buffered or rejected) and advance the device's mark; returns the new mark."""
+        now = time.time_ns()
+        self._begin()
+        try:
+            (high_water,) = self.conn.execute(
+                "SELECT deltas_high_water FROM devices WHERE device_id = ?", (device_id,)
+            ).fetchone() or (0,)
+            if seq != high_water + 1:
+                raise StoreError("precondition", f"sequence gap: expected delta {high_water + 1}, got {seq}")
+            self.conn.execute(
+                "INSERT INTO deltas (device_id, seq, base_version, num_examples, codec, tensor_specs, payload, "
+                "payload_sha256, train_loss, received_ns, status, reason, staleness) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    device_id,
+                    seq,
+                    base_version,
+                    num_examples,
+                    codec,
+                    tensor_specs,
+                    payload,
+                    payload_sha256,
+                    train_loss,
+                    now,
+                    status,
+                    reason,
+                    staleness,
+                ),
+            )
+            self.conn.execute(
+                "INSERT INTO devices (device_id, first_seen_ns, last_seen_ns, deltas_high_water) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(device_id) DO UPDATE SET deltas_high_water = excluded.deltas_high_water, "
+                "last_seen_ns = excluded.last_seen_ns",
+                (device_id, now, now, seq),
+            )
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        return seq
+
+    @_locked
+    def buffered_count(self) -> tuple[int, int | None]:
+        """(number of buffered deltas, arrival time of the oldest in ns)."""
+        count, oldest = self.conn.execute(
+            "SELECT COUNT(*), MIN(received_ns) FROM deltas WHERE status = 'buffered'"
+        ).fetchone()
+        return int(count), oldest
+
+    @_locked
+    def buffered_keys(self) -> list[tuple[str, int]]:
+        return [
+            (row[0], row[1])
+            for row in self.conn.execute(
+                "SELECT device_id, seq FROM deltas WHERE status = 'buffered' ORDER BY received_ns, device_id, seq"
+            )
+        ]
+
+    def iter_deltas(self, keys: Sequence[tuple[str, int]]) -> Iterator[StoredDelta]:
+        """Deltas one at a time, so aggregation never holds every payload at once."""
+        for device_id, seq in keys:
+            with self._lock:
+                row = self.conn.execute(
+                    "SELECT device_id, seq, base_version, num_examples, codec, tensor_specs, payload, received_ns "
+                    "FROM deltas WHERE device_id = ? AND seq = ?",
+                    (device_id, seq),
+                ).fetchone()
+            if row is not None:
+                yield StoredDelta(*row)
+
+    # -- versions -------------------------------------------------------------------------
+
+    def commit_version(
+        self,
+        version: int,
+        parent_version: int,
+        manifest_json: bytes,
+        accuracy: float | None,
+        aggregated: Sequence[tuple[str, int, int]],
+        rejected: Sequence[tuple[str, int, str]] = (),
+    ) -> None:
+        """Publish a version and mark the deltas it consumed (device, seq, staleness), atomically."""
+        self._begin()
+        try:
+            self.conn.execute(
+                "INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?)",
+                (version, parent_version, time.time_ns(), manifest_json, len(aggregated), accuracy),
+            )
+            self.conn.executemany(
+                "UPDATE deltas SET status = 'aggregated', aggregated_into = ?, staleness = ?, payload = NULL "
+                "WHERE device_id = ? AND seq = ? AND status = 'buffered'",
+                [(version, staleness, device, seq) for device, seq, staleness in aggregated],
+            )
+            self.conn.executemany(
+                "UPDATE deltas SET status = 'rejected', reason = ?, payload = NULL "
+                "WHERE device_id = ? AND seq = ? AND status = 'buffered'",
+                [(reason, device, seq) for device, seq, reason in rejected],
+            )
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+
+    @_locked
+    def commit_version_rejections(self, rejected: Sequence[tuple[str, int, str]]) -> None:
+        self._begin()
+        try:
+            self.conn.executemany(
+                "UPDATE deltas SET status = 'rejected', reason = ?, payload = NULL "
+                "WHERE device_id = ? AND seq = ? AND status = 'buffered'",
+                [(reason, device, seq) for device, seq, reason in rejected],
+            )
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+
+    @_locked
+    def latest_version(self) -> tuple[int, bytes] | None:
+        row = self.conn.execute(
+            "SELECT version, manifest_json FROM versions ORDER BY version DESC LIMIT 1"
+        ).fetchone()
+        return None if row is None else (int(row[0]), bytes(row[1]))
+
+    @_locked
+    def version_history(self) -> list[tuple[int, int, float | None]]:
+        return [
+            (int(v), int(n), acc)
+            for v, n, acc in self.conn.execute(
+                "SELECT version, num_deltas, accuracy FROM versions ORDER BY version"
+            )
+        ]
+
+    # -- figures --------------------------------------------------------------------------
+
+    @_locked
+    def counts(self) -> dict[str, int]:
+        one = self.conn.execute
+        return {
+            "devices": one("SELECT COUNT(*) FROM devices").fetchone()[0],
+            "events": one("SELECT COUNT(*) FROM events").fetchone()[0],
+            "deltas_buffered": one("SELECT COUNT(*) FROM deltas WHERE status = 'buffered'").fetchone()[0],
+            "deltas_aggregated": one("SELECT COUNT(*) FROM deltas WHERE status = 'aggregated'").fetchone()[0],
+            "deltas_rejected": one("SELECT COUNT(*) FROM deltas WHERE status = 'rejected'").fetchone()[0],
+            "conflicts_resolved": one("SELECT COUNT(*) FROM resolutions").fetchone()[0],
+            "corrections": one("SELECT COUNT(*) FROM corrections").fetchone()[0],
+            "versions": one("SELECT COUNT(*) FROM versions").fetchone()[0],
+        }
+
+    @_locked
+    def integrity_ok(self) -> bool:
+        return self.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

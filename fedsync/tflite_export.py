@@ -1,0 +1,210 @@
+"""Export the reference digits model to TFLite flatbuffers for on-device clients.
+
+Coordinator side only: this module imports TensorFlow. Clients load the produced bytes
+with :mod:`client.litert_runtime`, which needs only numpy and ``ai_edge_litert``.
+
+Three artifacts:
+
+* :func:`to_tflite_float32` -- plain float32 inference model.
+* :func:`to_tflite_int8` -- full-integer post-training quantization (int8 weights *and*
+  activations, calibrated on a representative dataset) but with **float32 input and
+  output tensors**. Keeping the interface float means the client feeds exactly the same
+  preprocessed pixels (``digits / 16`` as float32) to either model and gets float32
+  probabilities back; the quantize/dequantize happens inside the graph (one QUANTIZE op
+  at the input, one DEQUANTIZE at the output), which costs next to nothing for a 64-wide
+  input and spares every client from knowing the input scale/zero-point.
+* :func:`to_trainable_head_tflite` -- on-device fine-tuning of the softmax head only, with
+  the hidden layer frozen into constants. The gradient is written by hand so the model
+  uses TFLite builtin ops only (``tf.GradientTape`` would pull in Flex ops, which the
+  LiteRT runtime does not ship). Signatures:
+
+  - ``infer``: ``x`` float32 ``[None, 64]`` -> ``{"probs": [None, 10]}``
+  - ``train``: ``x`` float32 ``[None, 64]``, ``y`` int32 ``[None]`` (class indices, like
+    the Keras model's ``sparse_categorical_crossentropy``), ``lr`` float32 scalar ->
+    ``{"loss": scalar}`` (mean cross-entropy of the batch *before* the update). One
+    plain SGD step on the head.
+  - ``get_weights``: -> ``{"head_kernel": [H, 10], "head_bias": [10]}``
+  - ``set_weights``: ``head_kernel``, ``head_bias`` -> ``{"ok": int32 scalar}`` (a dummy
+    output; a signature without outputs is awkward to convert and to run).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from fedsync.model import INPUT_NAME, NUM_FEATURES
+
+HIDDEN_LAYER = "hidden"
+HEAD_LAYER = "head"
+
+# Signature names and tensor names of the trainable-head model; the client runtime
+# hard-codes the same strings (it must not import this module).
+INFER_SIGNATURE = "infer"
+TRAIN_SIGNATURE = "train"
+GET_WEIGHTS_SIGNATURE = "get_weights"
+SET_WEIGHTS_SIGNATURE = "set_weights"
+TRAINABLE_SIGNATURES = (INFER_SIGNATURE, TRAIN_SIGNATURE, GET_WEIGHTS_SIGNATURE, SET_WEIGHTS_SIGNATURE)
+
+ConverterHook = Callable[[tf.lite.TFLiteConverter], None]
+
+
+def _convert_keras(model: keras.Model, configure: ConverterHook | None = None) -> bytes:
+    """Convert via a SavedModel export of the Keras model.
+
+    ``TFLiteConverter.from_concrete_functions(..., trackable_obj=model)`` on a Keras 3
+    model emits VAR_HANDLE/READ_VARIABLE ops with *no* initial values (a ~2.8 KB model
+    without its weights), so we go through ``model.export`` + ``from_saved_model``, which
+    freezes the weights into constants.
+    """
+    spec = tf.TensorSpec([None, model.input_shape[-1]], tf.float32, name=INPUT_NAME)
+    with tempfile.TemporaryDirectory(prefix="fedsync_tflite_") as tmp:
+        saved = os.path.join(tmp, "saved_model")
+        model.export(saved, format="tf_saved_model", verbose=False, input_signature=[spec])
+        converter = tf.lite.TFLiteConverter.from_saved_model(saved)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+        if configure is not None:
+            configure(converter)
+        return bytes(converter.convert())
+
+
+def to_tflite_float32(model: keras.Model) -> bytes:
+    """The model as a float32 TFLite flatbuffer (builtin ops only)."""
+    return _convert_keras(model)
+
+
+def to_tflite_int8(model: keras.Model, representative_x: np.ndarray, max_samples: int = 200) -> bytes:
+    """Full-integer (int8) post-training quantization with float32 input/output tensors.
+
+    ``representative_x`` is a ``(n, 64)`` array of preprocessed samples used to calibrate
+    activation ranges; at most ``max_samples`` rows are used (100-200 is plenty for this
+    model). Weights and activations are int8; the input is quantized and the output
+    dequantized inside the graph so the client interface is identical to the float model.
+    """
+    rep = np.asarray(representative_x, dtype=np.float32)
+    if rep.ndim != 2 or rep.shape[1] != NUM_FEATURES or rep.shape[0] == 0:
+        raise ValueError(f"representative_x must have shape (n>0, {NUM_FEATURES}), got {rep.shape}")
+    rep = rep[:max_samples]
+
+    def representative_dataset():
+        for row in rep:
+            yield [row[None, :]]
+
+    def configure(converter: tf.lite.TFLiteConverter) -> None:
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = representative_dataset
+        # INT8 builtins only: conversion fails instead of silently leaving float ops.
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.float32
+        converter.inference_output_type = tf.float32
+
+    return _convert_keras(model, configure)
+
+
+class _TrainableHead(tf.Module):
+    """Frozen hidden layer (constants) + trainable softmax head (variables)."""
+
+    def __init__(self, hidden_kernel: np.ndarray, hidden_bias: np.ndarray,
+                 head_kernel: np.ndarray, head_bias: np.ndarray) -> None:
+        super().__init__(name="trainable_head")
+        num_features, hidden_units = hidden_kernel.shape
+        num_classes = head_kernel.shape[1]
+        self._num_classes = int(num_classes)
+        self._hidden_kernel = tf.constant(hidden_kernel, dtype=tf.float32)
+        self._hidden_bias = tf.constant(hidden_bias, dtype=tf.float32)
+        self.head_kernel = tf.Variable(head_kernel, dtype=tf.float32, name="head_kernel")
+        self.head_bias = tf.Variable(head_bias, dtype=tf.float32, name="head_bias")
+
+        x_spec = tf.TensorSpec([None, num_features], tf.float32, name="x")
+        self.infer = tf.function(self._infer, input_signature=[x_spec])
+        self.train = tf.function(self._train, input_signature=[
+            x_spec,
+            tf.TensorSpec([None], tf.int32, name="y"),
+            tf.TensorSpec([], tf.float32, name="lr"),
+        ])
+        self.get_weights = tf.function(self._get_weights, input_signature=[])
+        self.set_weights = tf.function(self._set_weights, input_signature=[
+            tf.TensorSpec([hidden_units, num_classes], tf.float32, name="head_kernel"),
+            tf.TensorSpec([num_classes], tf.float32, name="head_bias"),
+        ])
+
+    def signatures(self) -> dict[str, tf.types.experimental.ConcreteFunction]:
+        return {
+            INFER_SIGNATURE: self.infer.get_concrete_function(),
+            TRAIN_SIGNATURE: self.train.get_concrete_function(),
+            GET_WEIGHTS_SIGNATURE: self.get_weights.get_concrete_function(),
+            SET_WEIGHTS_SIGNATURE: self.set_weights.get_concrete_function(),
+        }
+
+    def _features(self, x: tf.Tensor) -> tf.Tensor:
+        return tf.nn.relu(tf.matmul(x, self._hidden_kernel) + self._hidden_bias)
+
+    def _logits(self, features: tf.Tensor) -> tf.Tensor:
+        return tf.matmul(features, self.head_kernel) + self.head_bias
+
+    def _infer(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
+        return {"probs": tf.nn.softmax(self._logits(self._features(x)))}
+
+    def _train(self, x: tf.Tensor, y: tf.Tensor, lr: tf.Tensor) -> dict[str, tf.Tensor]:
+        features = self._features(x)
+        logits = self._logits(features)
+        onehot = tf.one_hot(y, self._num_classes, dtype=tf.float32)
+        batch = tf.cast(tf.shape(x)[0], tf.float32)
+        # Mean cross-entropy, via LOG_SOFTMAX (stable, builtin) rather than log(softmax).
+        loss = -tf.reduce_sum(onehot * tf.nn.log_softmax(logits)) / batch
+        # Hand-written gradient of mean softmax cross-entropy: no GradientTape, no Flex ops.
+        dlogits = (tf.nn.softmax(logits) - onehot) / batch
+        d_kernel = tf.matmul(features, dlogits, transpose_a=True)
+        d_bias = tf.reduce_sum(dlogits, axis=0)
+        self.head_kernel.assign_sub(lr * d_kernel)
+        self.head_bias.assign_sub(lr * d_bias)
+        return {"loss": loss}
+
+    def _get_weights(self) -> dict[str, tf.Tensor]:
+        return {"head_kernel": tf.identity(self.head_kernel), "head_bias": tf.identity(self.head_bias)}
+
+    def _set_weights(self, head_kernel: tf.Tensor, head_bias: tf.Tensor) -> dict[str, tf.Tensor]:
+        self.head_kernel.assign(head_kernel)
+        self.head_bias.assign(head_bias)
+        return {"ok": tf.constant(1, dtype=tf.int32)}
+
+
+def _dense_weights(model: keras.Model, name: str, activation: str) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        layer = model.get_layer(name)
+    except ValueError as exc:
+        raise ValueError(f"model has no layer named {name!r}; expected the fedsync.model MLP") from exc
+    actual = getattr(getattr(layer, "activation", None), "__name__", None)
+    if actual != activation or getattr(layer, "bias", None) is None:
+        raise ValueError(
+            f"layer {name!r} must be a Dense layer with bias and {activation} activation, got {actual}"
+        )
+    kernel = np.asarray(layer.kernel.numpy(), dtype=np.float32)
+    bias = np.asarray(layer.bias.numpy(), dtype=np.float32)
+    return kernel, bias
+
+
+def to_trainable_head_tflite(model: keras.Model) -> bytes:
+    """A TFLite model that can fine-tune the softmax head on device (see module docstring).
+
+    The hidden layer's current weights are baked in as constants; the head variables
+    start from the Keras model's head weights. Converted with TFLite builtin ops only and
+    resource variables enabled, so it runs on the plain LiteRT interpreter (no Flex
+    delegate). Variable state lives in the interpreter instance: each new interpreter
+    starts again from the exported head weights.
+    """
+    hidden_kernel, hidden_bias = _dense_weights(model, HIDDEN_LAYER, "relu")
+    head_kernel, head_bias = _dense_weights(model, HEAD_LAYER, "softmax")
+    module = _TrainableHead(hidden_kernel, hidden_bias, head_kernel, head_bias)
+    with tempfile.TemporaryDirectory(prefix="fedsync_head_") as tmp:
+        saved = os.path.join(tmp, "saved_model")
+        tf.saved_model.save(module, saved, signatures=module.signatures())
+        converter = tf.lite.TFLiteConverter.from_saved_model(saved, signature_keys=list(TRAINABLE_SIGNATURES))
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+        converter.experimental_enable_resource_variables = True
+        return bytes(converter.convert())
