@@ -97,10 +97,13 @@ def check_input(x: Any, expected_shape_tail: tuple[int, ...] = (NUM_FEATURES,)) 
         arr = arr[np.newaxis, ...]
     if arr.ndim != len(tail) + 1 or tuple(arr.shape[1:]) != tail:
         expected = ", ".join(str(d) for d in tail)
-        raise InputError(
-            f"input shape must be (n, {expected}) or ({expected},), got {tuple(np.shape(x))}"
-        )
-    out = np.ascontiguousarray(arr, dtype=np.float32)
+        raise InputError(f"input shape must be (n, {expected}) or ({expected},), got {tuple(np.shape(x))}")
+    if arr.dtype == np.float32:
+        out = np.ascontiguousarray(arr)
+    else:
+        # float64 values beyond float32's range become Inf and are reported below.
+        with np.errstate(over="ignore"):
+            out = np.ascontiguousarray(arr, dtype=np.float32)
     if kind in "iu":  # integers are finite and fit float32's range
         return out
     finite = np.isfinite(out)
@@ -119,17 +122,13 @@ def _check_labels(y: Any, n: int, num_classes: int) -> np.ndarray:
     """Class indices as int32 of shape ``(n,)``; integer dtypes only."""
     arr = np.asarray(y)
     if arr.dtype.kind not in "iu":
-        raise InputError(
-            f"labels must be integer class indices, got dtype {arr.dtype} (use y.astype(np.int32))"
-        )
+        raise InputError(f"labels must be integer class indices, got dtype {arr.dtype} (use y.astype(np.int32))")
     if arr.ndim == 0:
         arr = arr.reshape(1)
     if arr.shape != (n,):
         raise InputError(f"labels must have shape ({n},) to match x, got {np.shape(y)}")
     if n and (arr.min() < 0 or arr.max() >= num_classes):
-        raise InputError(
-            f"labels must be in [0, {num_classes}), got min {int(arr.min())} max {int(arr.max())}"
-        )
+        raise InputError(f"labels must be in [0, {num_classes}), got min {int(arr.min())} max {int(arr.max())}")
     return np.ascontiguousarray(arr, dtype=np.int32)
 
 
@@ -244,8 +243,7 @@ class LiteRTClassifier:
             if "train" in _signature_names(interpreter):
                 hint = " (this looks like a trainable-head model: use LiteRTHeadTrainer)"
             raise ModelFormatError(
-                f"classifier: expected 1 input and 1 output tensor, got {len(inputs)} and {len(outputs)}"
-                + hint
+                f"classifier: expected 1 input and 1 output tensor, got {len(inputs)} and {len(outputs)}" + hint
             )
         in_sig = tuple(int(d) for d in inputs[0]["shape_signature"])
         out_sig = tuple(int(d) for d in outputs[0]["shape_signature"])
@@ -282,8 +280,7 @@ class LiteRTClassifier:
         slot = self._batch
         if slot is None:
             interpreter = _new_interpreter(self._content, self._num_threads, "classifier")
-            slot = self._batch = self._allocate(interpreter, self._single.input_index,
-                                                self._single.output_index, n)
+            slot = self._batch = self._allocate(interpreter, self._single.input_index, self._single.output_index, n)
         elif slot.batch != n:
             self._batch = self._allocate(slot.interpreter, slot.input_index, slot.output_index, n)
             slot = self._batch

@@ -22,6 +22,7 @@ accumulator half-updated.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -49,7 +50,30 @@ _F32 = np.dtype("<f4")
 _F16 = np.dtype("<f2")
 _U4 = np.dtype("<u4")
 _I1 = np.dtype("i1")
+_U2 = np.dtype("<u2")
+_I2 = np.dtype("<i2")
 _F16_MAX = float(np.finfo(np.float16).max)
+_F16_EXPONENT = np.uint16(0x7C00)
+_F32_SIGN_AND_LOW_28_BITS = np.int32(-0x70000001)  # 0x8FFFFFFF as int32
+
+
+_scratch_buffers = threading.local()
+
+
+def _scratch(dtype: np.dtype | type, size: int) -> np.ndarray:
+    """A reusable per-thread buffer of ``size`` elements.
+
+    Allocating a fresh MiB-sized buffer per tensor per update costs page
+    faults comparable to the arithmetic itself, so each thread keeps one
+    buffer per dtype. Callers must not hold it across another _scratch call
+    for the same dtype.
+    """
+    dtype = np.dtype(dtype)
+    buffers: dict[str, np.ndarray] = _scratch_buffers.__dict__.setdefault("by_dtype", {})
+    buffer = buffers.get(dtype.str)
+    if buffer is None or buffer.size < size:
+        buffer = buffers[dtype.str] = np.empty(max(size, _CHUNK), dtype=dtype)
+    return buffer[:size]
 
 
 class CodecError(ValueError):
@@ -88,7 +112,7 @@ def add_scaled(acc: np.ndarray, x: np.ndarray, weight: float) -> None:
         np.add(acc_flat, x_flat, out=acc_flat)
         return
     w = acc_flat.dtype.type(weight)
-    scratch = np.empty(min(_CHUNK, acc_flat.size), dtype=acc_flat.dtype)
+    scratch = _scratch(acc_flat.dtype, min(_CHUNK, acc_flat.size))
     for start in range(0, acc_flat.size, _CHUNK):
         stop = min(start + _CHUNK, acc_flat.size)
         part = scratch[: stop - start]
@@ -112,7 +136,7 @@ class Codec:
     """
 
     name: str = ""
-    #: True when decode(encode(x)) == x exactly.
+    #: True when decode(encode(x)) == x exactly (error feedback is then a no-op).
     lossless: ClassVar[bool] = False
 
     def encode(self, tensors: Mapping[str, np.ndarray]) -> tuple[list[TensorSpec], bytes]:
@@ -157,9 +181,7 @@ class Codec:
             if target is None:
                 raise CodecError(f"no accumulator for tensor {spec.name!r}")
             if target.shape != spec.shape:
-                raise CodecError(
-                    f"accumulator for {spec.name!r} has shape {target.shape}, payload has {spec.shape}"
-                )
+                raise CodecError(f"accumulator for {spec.name!r} has shape {target.shape}, payload has {spec.shape}")
             self._accumulate_section(spec, buf, section.offset, weight, target)
 
     def encoded_size(self, specs: Sequence[TensorSpec], payload: Payload) -> int:
@@ -256,6 +278,8 @@ class _Float32Codec(_RawCodec):
 
 
 class _Float16Codec(_RawCodec):
+    """IEEE half precision; payloads holding inf or nan are rejected as invalid."""
+
     name = "float16"
     wire_dtype = _F16
 
@@ -265,6 +289,41 @@ class _Float16Codec(_RawCodec):
         if array.size and float(np.abs(array).max()) > _F16_MAX:
             raise CodecError(f"values exceed the float16 range (±{_F16_MAX:g}); use float32")
         return array.astype(_F16).tobytes()
+
+    def _check_section(self, spec: TensorSpec, buf: np.ndarray, offset: int) -> None:
+        bits = _view(buf, _U2, offset, spec.size)
+        exponents = _scratch(_U2, min(_CHUNK, bits.size))
+        for start in range(0, bits.size, _CHUNK):
+            part = exponents[: min(_CHUNK, bits.size - start)]
+            np.bitwise_and(bits[start : start + _CHUNK], _F16_EXPONENT, out=part)
+            if part.max() == _F16_EXPONENT:
+                raise CodecError("float16 payload holds inf or nan")
+
+    def _accumulate_section(
+        self, spec: TensorSpec, buf: np.ndarray, offset: int, weight: float, acc: np.ndarray
+    ) -> None:
+        halves = _view(buf, _I2, offset, spec.size)
+        # numpy's float16 -> float32 cast runs at ~2 ns/value. Moving a half's
+        # sign, exponent and mantissa bits into float32 position instead gives
+        # exactly value * 2**-112 (subnormals included), so one multiply by
+        # weight * 2**112 finishes the conversion ~4x faster. Valid because
+        # _check_section has ruled out inf/nan (exponent 31).
+        scale = weight * 2.0**112
+        if abs(scale) > float(np.finfo(acc.dtype).max) or halves.size == 0:
+            add_scaled(acc, halves.view(_F16), weight)
+            return
+        scale = acc.dtype.type(scale)
+        acc_flat = acc.reshape(-1)
+        wide = _scratch(np.int32, min(_CHUNK, halves.size))
+        scratch = wide.view(np.float32) if acc.dtype == np.float32 else _scratch(acc.dtype, wide.size)
+        for start in range(0, halves.size, _CHUNK):
+            stop = min(start + _CHUNK, halves.size)
+            bits, values = wide[: stop - start], scratch[: stop - start]
+            np.copyto(bits, halves[start:stop])  # sign-extends bit 15 into bits 16..31
+            np.left_shift(bits, 13, out=bits)
+            np.bitwise_and(bits, _F32_SIGN_AND_LOW_28_BITS, out=bits)
+            np.multiply(bits.view(np.float32), scale, out=values)
+            np.add(acc_flat[start:stop], values, out=acc_flat[start:stop])
 
 
 def _quantize(values: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -354,7 +413,8 @@ class _Int8ChannelCodec(Codec):
         row_scale = scales * acc.dtype.type(weight)
         acc_rows = acc.reshape(q.shape)
         step = max(1, _CHUNK // q.shape[1])
-        scratch = np.empty((min(step, q.shape[0]), q.shape[1]), dtype=acc.dtype)
+        rows = min(step, q.shape[0])
+        scratch = _scratch(acc.dtype, rows * q.shape[1]).reshape(rows, q.shape[1])
         for start in range(0, q.shape[0], step):
             stop = min(start + step, q.shape[0])
             part = scratch[: stop - start]
@@ -383,11 +443,7 @@ class _TopKCodec(Codec):
             indices = np.arange(k)
         else:
             indices = np.sort(np.argpartition(np.abs(flat), flat.size - k)[flat.size - k :])
-        return (
-            np.array([k], dtype=_U4).tobytes()
-            + indices.astype(_U4).tobytes()
-            + flat[indices].astype(_F32).tobytes()
-        )
+        return np.array([k], dtype=_U4).tobytes() + indices.astype(_U4).tobytes() + flat[indices].astype(_F32).tobytes()
 
     def _count(self, buf: np.ndarray, offset: int) -> int:
         if offset + _U4.itemsize > buf.size:
@@ -518,6 +574,9 @@ class ErrorFeedback:
                 value += residual
             corrected[name] = value
         specs, payload = self.codec.encode(corrected)
+        if self.codec.lossless:
+            self._residual = {}
+            return specs, payload
         for name, sent in self.codec.iter_decode(specs, payload):
             corrected[name] -= sent
         self._residual = corrected

@@ -82,14 +82,18 @@ def to_tflite_int8(model: keras.Model, representative_x: np.ndarray, max_samples
     """Full-integer (int8) post-training quantization with float32 input/output tensors.
 
     ``representative_x`` is a ``(n, 64)`` array of preprocessed samples used to calibrate
-    activation ranges; at most ``max_samples`` rows are used (100-200 is plenty for this
-    model). Weights and activations are int8; the input is quantized and the output
-    dequantized inside the graph so the client interface is identical to the float model.
+    activation ranges; at most ``max_samples`` evenly spaced rows are used (100-200 is
+    plenty for this model). Weights and activations are int8 (kernels per-channel, the
+    converter's default); the input is quantized and the output dequantized inside the
+    graph, so the client interface is identical to the float model's.
     """
     rep = np.asarray(representative_x, dtype=np.float32)
     if rep.ndim != 2 or rep.shape[1] != NUM_FEATURES or rep.shape[0] == 0:
         raise ValueError(f"representative_x must have shape (n>0, {NUM_FEATURES}), got {rep.shape}")
-    rep = rep[:max_samples]
+    if not np.isfinite(rep).all():
+        raise ValueError("representative_x contains NaN or Inf")
+    if len(rep) > max_samples:  # evenly spaced rows: robust to data sorted by class
+        rep = rep[np.linspace(0, len(rep) - 1, max_samples).astype(np.int64)]
 
     def representative_dataset():
         for row in rep:
@@ -109,8 +113,9 @@ def to_tflite_int8(model: keras.Model, representative_x: np.ndarray, max_samples
 class _TrainableHead(tf.Module):
     """Frozen hidden layer (constants) + trainable softmax head (variables)."""
 
-    def __init__(self, hidden_kernel: np.ndarray, hidden_bias: np.ndarray,
-                 head_kernel: np.ndarray, head_bias: np.ndarray) -> None:
+    def __init__(
+        self, hidden_kernel: np.ndarray, hidden_bias: np.ndarray, head_kernel: np.ndarray, head_bias: np.ndarray
+    ) -> None:
         super().__init__(name="trainable_head")
         num_features, hidden_units = hidden_kernel.shape
         num_classes = head_kernel.shape[1]
@@ -122,16 +127,22 @@ class _TrainableHead(tf.Module):
 
         x_spec = tf.TensorSpec([None, num_features], tf.float32, name="x")
         self.infer = tf.function(self._infer, input_signature=[x_spec])
-        self.train = tf.function(self._train, input_signature=[
-            x_spec,
-            tf.TensorSpec([None], tf.int32, name="y"),
-            tf.TensorSpec([], tf.float32, name="lr"),
-        ])
+        self.train = tf.function(
+            self._train,
+            input_signature=[
+                x_spec,
+                tf.TensorSpec([None], tf.int32, name="y"),
+                tf.TensorSpec([], tf.float32, name="lr"),
+            ],
+        )
         self.get_weights = tf.function(self._get_weights, input_signature=[])
-        self.set_weights = tf.function(self._set_weights, input_signature=[
-            tf.TensorSpec([hidden_units, num_classes], tf.float32, name="head_kernel"),
-            tf.TensorSpec([num_classes], tf.float32, name="head_bias"),
-        ])
+        self.set_weights = tf.function(
+            self._set_weights,
+            input_signature=[
+                tf.TensorSpec([hidden_units, num_classes], tf.float32, name="head_kernel"),
+                tf.TensorSpec([num_classes], tf.float32, name="head_bias"),
+            ],
+        )
 
     def signatures(self) -> dict[str, tf.types.experimental.ConcreteFunction]:
         return {
@@ -181,9 +192,7 @@ def _dense_weights(model: keras.Model, name: str, activation: str) -> tuple[np.n
         raise ValueError(f"model has no layer named {name!r}; expected the fedsync.model MLP") from exc
     actual = getattr(getattr(layer, "activation", None), "__name__", None)
     if actual != activation or getattr(layer, "bias", None) is None:
-        raise ValueError(
-            f"layer {name!r} must be a Dense layer with bias and {activation} activation, got {actual}"
-        )
+        raise ValueError(f"layer {name!r} must be a Dense layer with bias and {activation} activation, got {actual}")
     kernel = np.asarray(layer.kernel.numpy(), dtype=np.float32)
     bias = np.asarray(layer.bias.numpy(), dtype=np.float32)
     return kernel, bias

@@ -259,3 +259,31 @@ def test_error_feedback_state_roundtrip() -> None:
     third.load_state({"hidden/bias": np.ones(5, np.float32)})
     _, payload = third.encode({"hidden/bias": delta["hidden/bias"]})
     assert payload == get_codec("int8").encode({"hidden/bias": delta["hidden/bias"]})[1]
+
+
+@pytest.mark.parametrize("weight", [1.0, -0.37, 1e-30, 1e6])
+@pytest.mark.parametrize("acc_dtype", [np.float32, np.float64])
+def test_float16_accumulate_is_exact_for_every_finite_half(weight: float, acc_dtype: type) -> None:
+    halves = np.arange(2**16, dtype=np.uint16).view(np.float16)
+    values = halves[np.isfinite(halves)].astype(np.float32)  # includes subnormals and -0.0
+    codec = get_codec("float16")
+    specs, payload = codec.encode({"v": values})
+    acc = {"v": np.zeros(values.size, acc_dtype)}
+    codec.accumulate_into(specs, payload, weight, acc)
+    np.testing.assert_array_equal(acc["v"], values.astype(acc_dtype) * acc_dtype(weight))
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_float16_payload_with_inf_or_nan_is_invalid(bad: float) -> None:
+    specs, payload = get_codec("float16").encode({"v": np.ones(5, np.float32)})
+    corrupt = payload[:4] + np.array([bad], "<f2").tobytes() + payload[6:]
+    with pytest.raises(CodecError, match="inf or nan"):
+        get_codec("float16").decode(specs, corrupt)
+
+
+def test_error_feedback_with_lossless_codec_sends_the_delta_unchanged() -> None:
+    delta = tensors()
+    feedback = ErrorFeedback("float32")
+    for _ in range(3):
+        assert feedback.encode(delta)[1] == get_codec("float32").encode(delta)[1]
+    assert feedback.state() == {}

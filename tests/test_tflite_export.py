@@ -213,8 +213,6 @@ def test_trainable_head_same_results_on_tf_lite_interpreter(digits, head_bytes):
 def test_trainable_head_rejects_other_architectures():
     import keras
 
-    model = keras.Sequential(
-        [keras.Input((64,)), keras.layers.Dense(10, activation="softmax", name="head")]
-    )
+    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(10, activation="softmax", name="head")])
     with pytest.raises(ValueError, match="no layer named 'hidden'"):
         tflite_export.to_trainable_head_tflite(model)

@@ -1,0 +1,230 @@
+"""The `fedsync` command line. Errors are one line on stderr and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+
+class CommandError(Exception):
+    """A user-facing error: printed as one line."""
+
+
+def _writable_file(path: str) -> Path:
+    target = Path(path)
+    parent = target.parent if str(target.parent) else Path(".")
+    existing = parent
+    while not existing.exists():
+        existing = existing.parent
+    if target.is_dir():
+        raise CommandError(f"report path {path} is a directory")
+    if not os.access(existing, os.W_OK):
+        raise CommandError(f"report path {path} is not writable")
+    return target
+
+
+# -- coordinator ------------------------------------------------------------------------------
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from fedsync.aggregation import Strategy
+
+    if args.buffer_size < 1:
+        raise CommandError(f"--buffer-size must be at least 1, got {args.buffer_size}")
+    from coordinator import Coordinator
+
+    strategy = Strategy.fedbuff(buffer_size=args.buffer_size, max_staleness=args.max_staleness)
+    coordinator = Coordinator(args.data_dir, strategy=strategy)
+    port = coordinator.start(args.address)
+    host = args.address.rsplit(":", 1)[0]
+    print(f"fedsync coordinator listening on {host}:{port} (data in {args.data_dir}, version {coordinator.version})")
+    sys.stdout.flush()
+    stop = lambda *_: coordinator.server.stop(2)  # noqa: E731
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        coordinator.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        coordinator.stop()
+    return 0
+
+
+# -- simulate ---------------------------------------------------------------------------------
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from fedsync.sim.runner import SimulationConfig, SimulationConfigError, run_simulation
+
+    report_path = _writable_file(args.report) if args.report else None
+    config = SimulationConfig(
+        devices=args.devices,
+        rounds=args.rounds,
+        seed=args.seed,
+        data_dir=Path(args.data_dir),
+        partition=args.partition,
+        alpha=args.alpha,
+        overlap=args.overlap,
+        online_probability=args.online_prob,
+        aggregation=args.aggregation,
+        buffer_size=args.buffer_size,
+        codec=args.codec,
+        local_epochs=args.local_epochs,
+    )
+    try:
+        config.validate()
+    except SimulationConfigError as exc:
+        raise CommandError(str(exc)) from None
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(soft_wrap=True)
+    console.print(
+        f"[bold]fedsync simulate[/]: {config.devices} devices, {config.rounds} rounds, {config.aggregation} "
+        f"aggregation, {config.partition} partition, seed {config.seed}"
+    )
+    table = Table("round", "online", "version", "accuracy", "events synced", "deltas", "corrections", "seconds")
+
+    def on_round(r: object) -> None:
+        console.print(
+            f"  round {r.round:>3}: {r.online:>4} online, version {r.version:>3}, accuracy {r.accuracy:.3f}, "  # type: ignore[attr-defined]
+            f"{r.events_synced} events, {r.deltas_synced} deltas, {r.corrections_applied} corrections"  # type: ignore[attr-defined]
+        )
+        table.add_row(
+            str(r.round), str(r.online), str(r.version), f"{r.accuracy:.3f}",  # type: ignore[attr-defined]
+            str(r.events_synced), str(r.deltas_synced), str(r.corrections_applied), f"{r.wall_s:.1f}",  # type: ignore[attr-defined]
+        )
+
+    report = run_simulation(config, on_round=on_round)
+    versions = Table("version", "deltas", "accuracy", title="Global model versions")
+    for v in report.versions:
+        versions.add_row(str(v["version"]), str(v["deltas"]), f"{v['accuracy']:.3f}")
+    console.print(versions)
+    console.print(
+        f"events journaled {report.events_journaled}, synced {report.events_synced}; "
+        f"deltas synced {report.deltas_synced} (rejected {report.deltas_rejected}); "
+        f"conflicts resolved {report.conflicts_resolved}; corrections applied {report.corrections_applied}"
+    )
+    console.print(
+        f"[bold]final version {report.final_version}: accuracy {report.final_accuracy:.3f}[/] "
+        f"on the digits test split, in {report.wall_s:.1f} s"
+    )
+    if report_path is not None:
+        report_path.parent.mkdir(parents=True, exist_ok=True)
+        report_path.write_text(report.to_json())
+        console.print(f"report written to {report_path}")
+    return 0
+
+
+# -- client -----------------------------------------------------------------------------------
+
+
+def _client_sync(args: argparse.Namespace) -> int:
+    from client import EdgeClient
+
+    client = EdgeClient(args.home, args.device_id, fine_tuning=not args.no_fine_tuning)
+    try:
+        report = client.sync(args.address, timeout_s=args.timeout)
+    finally:
+        client.close()
+    print(json.dumps(report.__dict__, default=str))
+    return 0
+
+
+def _client_status(args: argparse.Namespace) -> int:
+    from client.journal import Journal
+    from client.model_store import ModelStore
+
+    home = Path(args.home)
+    if not (home / "journal.db").exists():
+        raise CommandError(f"{home} holds no fedsync client (no journal.db)")
+    journal = Journal(home / "journal.db")
+    store = ModelStore(home / "models")
+    status = {
+        "model_version": store.current_version(),
+        "installed_versions": store.installed_versions(),
+        "events_journaled": journal.last_event_seq(),
+        "events_pending": journal.pending_event_count(),
+        "deltas_pending": journal.pending_delta_count(),
+        "journal_integrity": "ok" if journal.integrity_ok() else "DAMAGED",
+        "storage": [a.__dict__ for a in store.storage_report()],
+    }
+    journal.close()
+    print(json.dumps(status, indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedsync", description="Federated offline sync.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    coordinator = commands.add_parser("coordinator", help="run a coordinator").add_subparsers(
+        dest="coordinator_command", required=True
+    )
+    serve = coordinator.add_parser("serve", help="serve the Sync gRPC API")
+    serve.add_argument("--data-dir", default=".fedsync/coordinator", help="SQLite database and published models")
+    serve.add_argument("--address", default="127.0.0.1:50051", help="host:port to listen on")
+    serve.add_argument("--buffer-size", type=int, default=10, help="deltas per new version")
+    serve.add_argument("--max-staleness", type=int, default=8, help="reject deltas older than this many versions")
+    serve.set_defaults(run=_serve)
+
+    sim = commands.add_parser("simulate", help="simulate a fleet of intermittent devices against a real coordinator")
+    sim.add_argument("--devices", type=int, default=20)
+    sim.add_argument("--rounds", type=int, default=8)
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--data-dir", default=".fedsync/sim", help="where device journals and the coordinator live")
+    sim.add_argument("--report", default=None, help="write a JSON report here")
+    sim.add_argument("--partition", default="dirichlet", help="iid, dirichlet or label-skew")
+    sim.add_argument("--alpha", type=float, default=1.0, help="Dirichlet concentration (non-IID-ness)")
+    sim.add_argument("--overlap", type=float, default=0.3, help="fraction of inputs shared across devices")
+    sim.add_argument("--online-prob", type=float, default=0.8, help="stationary probability a device is online")
+    sim.add_argument("--aggregation", default="async", help="async (buffered, staleness-aware) or sync (FedAvg)")
+    sim.add_argument("--buffer-size", type=int, default=None, help="async: deltas per version")
+    sim.add_argument("--codec", default="float32", help="delta codec: float32, float16, int8, topk:0.1")
+    sim.add_argument("--local-epochs", type=int, default=5)
+    sim.set_defaults(run=_simulate)
+
+    client = commands.add_parser("client", help="operate an edge client's folder").add_subparsers(
+        dest="client_command", required=True
+    )
+    csync = client.add_parser("sync", help="sync a client folder with a coordinator once")
+    csync.add_argument("--home", required=True)
+    csync.add_argument("--device-id", required=True)
+    csync.add_argument("--address", required=True)
+    csync.add_argument("--timeout", type=float, default=30.0)
+    csync.add_argument("--no-fine-tuning", action="store_true", help="download only what inference needs")
+    csync.set_defaults(run=_client_sync)
+    cstatus = client.add_parser("status", help="journal, pending work, installed versions and storage")
+    cstatus.add_argument("--home", required=True)
+    cstatus.set_defaults(run=_client_status)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    run: Callable[[argparse.Namespace], int] = args.run
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print("fedsync: interrupted", file=sys.stderr)
+        return 130
+    except (CommandError, OSError, ValueError) as exc:
+        print(f"fedsync: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a bug or an environment problem: still one line, with its kind
+        import grpc
+
+        if isinstance(exc, grpc.RpcError):
+            print(f"fedsync: error: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+        else:
+            print(f"fedsync: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
