@@ -247,6 +247,11 @@ def test_composition_chains_stages_and_refuses_reducer_first() -> None:
     chained = norm_clipping(3.0) | norm_clipping(1.0) | coordinate_median()
     assert repr(chained) == "norm_clipping(max_norm=3.0) | norm_clipping(max_norm=1.0) | coordinate_median()"
     assert (norm_clipping(1.0) | krum(2)).min_updates == 7
+    updates = random_updates(np.random.default_rng(14), 5, scale=5.0)
+    assert_deltas_close(
+        chained.aggregate(updates, np.ones(5)),
+        (norm_clipping(1.0) | coordinate_median()).aggregate(updates, np.ones(5)),
+    )
     with pytest.raises(TypeError, match="must come last"):
         weighted_mean() | norm_clipping(1.0)
     with pytest.raises(TypeError, match="must come last"):

@@ -15,7 +15,7 @@ from fedsync.codecs import EncodedDelta, add_scaled
 class ScaledDelta:
     """``factor * source``, kept lazy so encoded deltas stay encoded."""
 
-    source: Mapping[str, np.ndarray] | EncodedDelta
+    source: Delta
     factor: float
 
 
