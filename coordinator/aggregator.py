@@ -97,7 +97,9 @@ class Aggregator:
         if not updates:
             self.store.commit_version_rejections(rejected)
             return None
-        new_weights = {k: np.asarray(v, dtype=np.float32) for k, v in self.strategy.aggregate(self.weights, updates).items()}
+        new_weights = {
+            k: np.asarray(v, dtype=np.float32) for k, v in self.strategy.aggregate(self.weights, updates).items()
+        }
         manifest = self.publisher.publish(new_version, self.version, new_weights)
         manifest_json = manifest.to_json()
         self.store.commit_version(

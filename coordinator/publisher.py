@@ -86,9 +86,7 @@ class ModelPublisher:
             describe_artifact(staging / "model.keras", KERAS),
         ]
         if self.int8:
-            (staging / "model-int8.tflite").write_bytes(
-                tflite_export.to_tflite_int8(self.model, self.evaluation.x)
-            )
+            (staging / "model-int8.tflite").write_bytes(tflite_export.to_tflite_int8(self.model, self.evaluation.x))
             artifacts.append(describe_artifact(staging / "model-int8.tflite", TFLITE_INT8))
         if self.trainable_head:
             (staging / "head-trainable.tflite").write_bytes(tflite_export.to_trainable_head_tflite(self.model))

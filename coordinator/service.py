@@ -62,7 +62,9 @@ class SyncService(SyncServicer):
             current_model_version=self.aggregator.version,
         )
 
-    def PushEvents(self, request_iterator: Iterator[pb.EventBatch], context: grpc.ServicerContext) -> Iterator[pb.EventAck]:
+    def PushEvents(
+        self, request_iterator: Iterator[pb.EventBatch], context: grpc.ServicerContext
+    ) -> Iterator[pb.EventAck]:
         device = device_of(context)
         for batch in request_iterator:
             if len(batch.events) > MAX_EVENTS_PER_BATCH:
@@ -155,7 +157,10 @@ class SyncService(SyncServicer):
             context.abort(_STORE_CODES[exc.kind], str(exc))
         if reason:
             return pb.DeltaAck(
-                seq=header.seq, status=pb.DeltaAck.REJECTED, reason=f"{reason} (staleness {staleness})", deltas_high_water=hw
+                seq=header.seq,
+                status=pb.DeltaAck.REJECTED,
+                reason=f"{reason} (staleness {staleness})",
+                deltas_high_water=hw,
             )
         self.on_delta()
         return pb.DeltaAck(seq=header.seq, status=pb.DeltaAck.ACCEPTED, deltas_high_water=hw)

@@ -222,16 +222,12 @@ class CoordinatorStore:
         previous = 0
         for e in events:
             if e.seq <= previous:
-                raise StoreError(
-                    "invalid", f"event seqs must be positive and strictly increasing (seq {e.seq})"
-                )
+                raise StoreError("invalid", f"event seqs must be positive and strictly increasing (seq {e.seq})")
             previous = e.seq
             if len(e.input_hash) != INPUT_HASH_BYTES:
                 raise StoreError("invalid", f"event {e.seq}: input_hash must be {INPUT_HASH_BYTES} bytes")
             if not 0 <= e.label < self.num_labels:
-                raise StoreError(
-                    "invalid", f"event {e.seq}: label {e.label} outside 0..{self.num_labels - 1}"
-                )
+                raise StoreError("invalid", f"event {e.seq}: label {e.label} outside 0..{self.num_labels - 1}")
             if not 0.0 <= e.confidence <= 1.0:  # also false for NaN
                 raise StoreError("invalid", f"event {e.seq}: confidence {e.confidence} outside [0, 1]")
 
@@ -250,9 +246,7 @@ class CoordinatorStore:
         if replayed:
             self._check_replay(device_id, replayed)
         if fresh and fresh[0].seq != high_water + 1:
-            raise StoreError(
-                "precondition", f"sequence gap: expected event {high_water + 1}, got {fresh[0].seq}"
-            )
+            raise StoreError("precondition", f"sequence gap: expected event {high_water + 1}, got {fresh[0].seq}")
         for expected, e in enumerate(fresh, start=high_water + 1):
             if e.seq != expected:
                 raise StoreError("precondition", f"sequence gap: expected event {expected}, got {e.seq}")
@@ -274,9 +268,7 @@ class CoordinatorStore:
                 ],
             )
             high_water = fresh[-1].seq
-            self.conn.execute(
-                "UPDATE devices SET events_high_water = ? WHERE device_id = ?", (high_water, device_id)
-            )
+            self.conn.execute("UPDATE devices SET events_high_water = ? WHERE device_id = ?", (high_water, device_id))
         touched = self._resolve_conflicts({e.input_hash for e in fresh})
         return BatchResult(high_water, len(fresh), len(replayed), touched)
 
@@ -337,8 +329,8 @@ class CoordinatorStore:
             )
             losers = sorted({o.device_id for o in observations if o.label != winner.label})
             self.conn.executemany(
-                "INSERT OR IGNORE INTO corrections (device_id, input_hash, label, confidence, model_version, created_ns) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO corrections "
+                "(device_id, input_hash, label, confidence, model_version, created_ns) VALUES (?, ?, ?, ?, ?, ?)",
                 [(d, input_hash, winner.label, winner.confidence, winner.model_version, now) for d in losers],
             )
         return len(disputed)
@@ -496,18 +488,14 @@ class CoordinatorStore:
 
     @_locked
     def latest_version(self) -> tuple[int, bytes] | None:
-        row = self.conn.execute(
-            "SELECT version, manifest_json FROM versions ORDER BY version DESC LIMIT 1"
-        ).fetchone()
+        row = self.conn.execute("SELECT version, manifest_json FROM versions ORDER BY version DESC LIMIT 1").fetchone()
         return None if row is None else (int(row[0]), bytes(row[1]))
 
     @_locked
     def version_history(self) -> list[tuple[int, int, float | None]]:
         return [
             (int(v), int(n), acc)
-            for v, n, acc in self.conn.execute(
-                "SELECT version, num_deltas, accuracy FROM versions ORDER BY version"
-            )
+            for v, n, acc in self.conn.execute("SELECT version, num_deltas, accuracy FROM versions ORDER BY version")
         ]
 
     # -- figures --------------------------------------------------------------------------

@@ -96,8 +96,14 @@ def _simulate(args: argparse.Namespace) -> int:
             f"{r.events_synced} events, {r.deltas_synced} deltas, {r.corrections_applied} corrections"  # type: ignore[attr-defined]
         )
         table.add_row(
-            str(r.round), str(r.online), str(r.version), f"{r.accuracy:.3f}",  # type: ignore[attr-defined]
-            str(r.events_synced), str(r.deltas_synced), str(r.corrections_applied), f"{r.wall_s:.1f}",  # type: ignore[attr-defined]
+            str(r.round),
+            str(r.online),
+            str(r.version),
+            f"{r.accuracy:.3f}",  # type: ignore[attr-defined]
+            str(r.events_synced),
+            str(r.deltas_synced),
+            str(r.corrections_applied),
+            f"{r.wall_s:.1f}",  # type: ignore[attr-defined]
         )
 
     report = run_simulation(config, on_round=on_round)

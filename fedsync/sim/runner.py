@@ -109,7 +109,7 @@ class SimulationReport:
         return json.dumps(asdict(self), indent=1, default=str)
 
 
-def _strategy(config: SimulationConfig):  # noqa: ANN202 (imports the aggregation package lazily)
+def _strategy(config: SimulationConfig):
     from fedsync.aggregation import Strategy
 
     if config.aggregation == "sync":
