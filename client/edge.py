@@ -16,10 +16,16 @@ from client.litert_runtime import InputError, LiteRTClassifier, check_input
 from client.model_store import ModelStore
 from client.predictions import PredictionCache, create_prediction_tables
 from client.sync import SyncReport, sync_with_retries
-from fedsync.manifest import KERAS, TFLITE_FLOAT32, TFLITE_INT8, Manifest
+from fedsync.manifest import KERAS, TFLITE_FLOAT32, TFLITE_INT8, TFLITE_TRAINABLE_HEAD, Manifest
 
 _classifiers: dict[str, LiteRTClassifier] = {}
 _classifiers_lock = threading.Lock()
+
+
+# "keras": whole-model fine-tuning with TensorFlow. "head": the trainable softmax head in LiteRT,
+# no TensorFlow. None: inference only.
+FINE_TUNING_PROFILES = ("keras", "head", None)
+HEAD_VARIABLES = {"head_kernel": "head/kernel", "head_bias": "head/bias"}
 
 
 class NoModelError(RuntimeError):
@@ -60,12 +66,14 @@ class EdgeClient:
         device_id: str,
         *,
         inference: str = "float32",
-        fine_tuning: bool = True,
+        fine_tuning: str | None = "keras",
         durability: Durability = Durability.POWER,
         keep_versions: int = 3,
     ) -> None:
         if inference not in ("float32", "int8"):
             raise ValueError(f"inference must be 'float32' or 'int8', got {inference!r}")
+        if fine_tuning not in FINE_TUNING_PROFILES:
+            raise ValueError(f"fine_tuning must be one of {FINE_TUNING_PROFILES}, got {fine_tuning!r}")
         self.home = Path(home)
         self.home.mkdir(parents=True, exist_ok=True)
         self.device_id = device_id
@@ -85,7 +93,8 @@ class EdgeClient:
         return self.models.current_version()
 
     def wanted_artifact_kinds(self) -> list[str]:
-        return [self.inference_kind, *([KERAS] if self.fine_tuning else [])]
+        training = {"keras": [KERAS], "head": [TFLITE_TRAINABLE_HEAD], None: []}[self.fine_tuning]
+        return [self.inference_kind, *training]
 
     def _classifier(self) -> tuple[LiteRTClassifier, int]:
         manifest = self.models.manifest()
@@ -142,9 +151,7 @@ class EdgeClient:
                 label = correction.label if correction is not None else model_label
             latency_us = (time.perf_counter_ns() - start) / 1e3
             with self.journal.transaction():
-                (seq,) = self.journal.append_events(
-                    [(input_hash, model_label, confidence, version, latency_us)]
-                )
+                (seq,) = self.journal.append_events([(input_hash, model_label, confidence, version, latency_us)])
                 if cached is None:
                     self.cache.put(input_hash, version, label, confidence, corrected)
         return Prediction(label, confidence, model_label, version, seq, cached is not None, corrected)
@@ -163,35 +170,66 @@ class EdgeClient:
         seed: int = 0,
     ) -> int:
         """Train the installed model locally and journal the weight delta; returns its seq."""
-        from client import keras_trainer
-        from fedsync.codecs import get_codec
-
         x = check_input(x)
         y = np.asarray(y, dtype=np.int64).reshape(-1)
         if len(x) == 0 or len(x) != len(y):
-            raise ValueError(
-                f"fine_tune needs as many labels as samples and at least one: {len(x)} vs {len(y)}"
-            )
+            raise ValueError(f"fine_tune needs as many labels as samples and at least one: {len(x)} vs {len(y)}")
         with self._lock:
             manifest = self.models.manifest()
             if manifest is None:
                 raise NoModelError("no model installed yet: sync with a coordinator first")
-            artifact = manifest.artifact(KERAS)
-            path = self.models.artifact_path(KERAS)
-            if artifact is None or path is None:
-                raise NoModelError(f"model version {manifest.version} has no Keras artifact to fine-tune")
             if y.min() < 0 or y.max() >= len(manifest.labels):
                 raise ValueError(f"labels must be in 0..{len(manifest.labels) - 1}")
-            result = keras_trainer.fine_tune(
-                path, artifact.sha256, x, y, epochs, batch_size, learning_rate, seed
-            )
-            specs, payload = get_codec(codec).encode(result.delta)
-            specs_json = json.dumps(
-                [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in specs]
-            )
-            return self.journal.append_delta(
-                manifest.version, result.num_examples, codec, specs_json, payload, result.loss
-            )
+            if self.fine_tuning is None:
+                raise NoModelError("this client was created without a fine-tuning profile")
+            kind = KERAS if self.fine_tuning == "keras" else TFLITE_TRAINABLE_HEAD
+            artifact = manifest.artifact(kind)
+            path = self.models.artifact_path(kind)
+            if artifact is None or path is None:
+                raise NoModelError(f"model version {manifest.version} has no {kind} artifact to fine-tune")
+            if self.fine_tuning == "keras":
+                from client import keras_trainer
+
+                result = keras_trainer.fine_tune(path, artifact.sha256, x, y, epochs, batch_size, learning_rate, seed)
+                delta, loss = result.delta, result.loss
+            else:
+                delta, loss = self._fine_tune_head(path, x, y, epochs, batch_size, learning_rate, seed)
+            return self._journal_delta(manifest.version, delta, len(x), loss, codec)
+
+    @staticmethod
+    def _fine_tune_head(
+        path: Path, x: np.ndarray, y: np.ndarray, epochs: int, batch_size: int, learning_rate: float, seed: int
+    ) -> tuple[dict[str, np.ndarray], float]:
+        """Lean profile: train the softmax head in LiteRT; the delta covers the head's variables only."""
+        from client.litert_runtime import LiteRTHeadTrainer
+
+        trainer = LiteRTHeadTrainer(path)
+        base = trainer.get_weights()
+        losses = trainer.fit(x, y, lr=learning_rate, epochs=epochs, batch_size=batch_size, seed=seed)
+        trained = trainer.get_weights()
+        delta = {HEAD_VARIABLES[name]: (trained[name] - base[name]).astype(np.float32) for name in base}
+        return delta, float(losses[-1])
+
+    def _journal_delta(
+        self, base_version: int, delta: dict[str, np.ndarray], num_examples: int, loss: float, codec: str
+    ) -> int:
+        """Encode (with error feedback for lossy codecs) and journal the delta and the new residual
+        in one transaction, so a crash can neither lose the residual nor apply it twice."""
+        from fedsync.codecs import ErrorFeedback
+
+        feedback = ErrorFeedback(codec)
+        feedback.load_state(self.journal.codec_residuals())
+        specs, payload = feedback.encode(delta)
+        specs_json = json.dumps([{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in specs])
+        return self.journal.append_delta(
+            base_version,
+            num_examples,
+            codec,
+            specs_json,
+            payload,
+            loss,
+            extra_statements=self.journal.residual_statements(feedback.state()),
+        )
 
     # -- sync ------------------------------------------------------------------------------
 

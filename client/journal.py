@@ -8,6 +8,7 @@ mark" and marking a batch sent is one row update, whatever its size.
 from __future__ import annotations
 
 import hashlib
+import json
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+import numpy as np
 import sqlite_utils
 
 
@@ -55,9 +57,7 @@ class JournalDelta:
 
 
 _EVENT_COLUMNS = "seq, input_hash, label, confidence, model_version, latency_us, time_ns"
-_DELTA_COLUMNS = (
-    "seq, base_version, num_examples, codec, tensor_specs, payload, payload_sha256, train_loss, created_ns"
-)
+_DELTA_COLUMNS = "seq, base_version, num_examples, codec, tensor_specs, payload, payload_sha256, train_loss, created_ns"
 
 
 def open_database(path: Path, durability: Durability = Durability.POWER) -> sqlite_utils.Database:
@@ -112,6 +112,11 @@ class Journal:
                 )
             if "meta" not in db.table_names():
                 db["meta"].create({"key": str, "value": int}, pk="key")
+            if "codec_residuals" not in db.table_names():
+                # Error feedback for lossy codecs: what quantization left out, sent with the next delta.
+                db["codec_residuals"].create(
+                    {"name": str, "shape": str, "residual": bytes}, pk="name", not_null={"shape", "residual"}
+                )
 
     # -- transactions -------------------------------------------------------------------------
 
@@ -211,6 +216,26 @@ class Journal:
             for sql, params in extra_statements:
                 self.conn.execute(sql, params)
         return int(seq)
+
+    def codec_residuals(self) -> dict[str, np.ndarray]:
+        rows = self.conn.execute("SELECT name, shape, residual FROM codec_residuals").fetchall()
+        return {
+            name: np.frombuffer(blob, dtype=np.float32).reshape(json.loads(shape)).copy() for name, shape, blob in rows
+        }
+
+    @staticmethod
+    def residual_statements(residuals: dict[str, np.ndarray]) -> list[tuple[str, tuple[object, ...]]]:
+        """SQL that replaces the stored residuals, to run in the delta's own transaction."""
+        statements: list[tuple[str, tuple[object, ...]]] = [("DELETE FROM codec_residuals", ())]
+        for name, residual in residuals.items():
+            array = np.ascontiguousarray(residual, dtype=np.float32)
+            statements.append(
+                (
+                    "INSERT INTO codec_residuals (name, shape, residual) VALUES (?, ?, ?)",
+                    (name, json.dumps(list(array.shape)), array.tobytes()),
+                )
+            )
+        return statements
 
     def deltas_acked(self) -> int:
         return self.get_meta("deltas_acked")

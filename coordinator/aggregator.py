@@ -39,6 +39,40 @@ def encoded_delta(codec: str, tensor_specs_json: str, payload: bytes) -> Encoded
     return EncodedDelta(codec, tuple(specs), payload)
 
 
+def aggregate_covering(strategy: Strategy, global_weights: Weights, updates: list[Update]) -> Weights:
+    """Aggregate updates that may cover different tensors (a lean client sends only the head).
+
+    Each tensor is reduced over the updates that cover it, with their staleness weights; a tensor
+    no update covers is left as it is. When every update covers every tensor this is exactly
+    `strategy.aggregate`, and takes its streaming path.
+    """
+    covered = [
+        frozenset(u.delta.shapes()) if isinstance(u.delta, EncodedDelta) else frozenset(u.delta) for u in updates
+    ]
+    everything = frozenset(global_weights)
+    if all(names == everything for names in covered):
+        return {k: np.asarray(v, dtype=np.float32) for k, v in strategy.aggregate(global_weights, updates).items()}
+    weights = np.array([strategy.weight(u) for u in updates], dtype=np.float64)
+    decoded = [u.delta.decode() if isinstance(u.delta, EncodedDelta) else dict(u.delta) for u in updates]
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for name in global_weights:
+        covering = tuple(i for i, names in enumerate(covered) if name in names)
+        groups.setdefault(covering, []).append(name)
+    delta: Weights = {name: np.zeros_like(array) for name, array in global_weights.items()}
+    for covering, names in groups.items():
+        if not covering:
+            continue
+        subset = [
+            Update(
+                {n: decoded[i][n] for n in names}, updates[i].num_examples, updates[i].staleness, updates[i].device_id
+            )
+            for i in covering
+        ]
+        delta.update(strategy.rule.aggregate(subset, weights[list(covering)]))
+    new_weights = strategy.optimizer.step(global_weights, delta)
+    return {name: np.asarray(new_weights[name], dtype=np.float32) for name in global_weights}
+
+
 class Aggregator:
     def __init__(self, store: CoordinatorStore, publisher: ModelPublisher, strategy: Strategy) -> None:
         self.store = store
@@ -97,9 +131,7 @@ class Aggregator:
         if not updates:
             self.store.commit_version_rejections(rejected)
             return None
-        new_weights = {
-            k: np.asarray(v, dtype=np.float32) for k, v in self.strategy.aggregate(self.weights, updates).items()
-        }
+        new_weights = aggregate_covering(self.strategy, self.weights, updates)
         manifest = self.publisher.publish(new_version, self.version, new_weights)
         manifest_json = manifest.to_json()
         self.store.commit_version(

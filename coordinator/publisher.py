@@ -74,22 +74,27 @@ class ModelPublisher:
 
     def publish(self, version: int, parent_version: int, weights: Weights) -> Manifest:
         from fedsync import tflite_export
+        from fedsync._quiet import native_output_silenced
 
         metrics = self.evaluate(weights)  # also loads the weights into self.model
         staging = self.models_dir / f".staging-v{version}"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
         self.model.save(staging / "model.keras")
-        (staging / "model.tflite").write_bytes(tflite_export.to_tflite_float32(self.model))
+        with native_output_silenced():
+            float32 = tflite_export.to_tflite_float32(self.model)
+            int8 = tflite_export.to_tflite_int8(self.model, self.evaluation.x) if self.int8 else None
+            head = tflite_export.to_trainable_head_tflite(self.model) if self.trainable_head else None
+        (staging / "model.tflite").write_bytes(float32)
         artifacts = [
             describe_artifact(staging / "model.tflite", TFLITE_FLOAT32),
             describe_artifact(staging / "model.keras", KERAS),
         ]
-        if self.int8:
-            (staging / "model-int8.tflite").write_bytes(tflite_export.to_tflite_int8(self.model, self.evaluation.x))
+        if int8 is not None:
+            (staging / "model-int8.tflite").write_bytes(int8)
             artifacts.append(describe_artifact(staging / "model-int8.tflite", TFLITE_INT8))
-        if self.trainable_head:
-            (staging / "head-trainable.tflite").write_bytes(tflite_export.to_trainable_head_tflite(self.model))
+        if head is not None:
+            (staging / "head-trainable.tflite").write_bytes(head)
             artifacts.append(describe_artifact(staging / "head-trainable.tflite", TFLITE_TRAINABLE_HEAD))
         manifest = Manifest(
             version=version,

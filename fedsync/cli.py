@@ -133,7 +133,7 @@ def _simulate(args: argparse.Namespace) -> int:
 def _client_sync(args: argparse.Namespace) -> int:
     from client import EdgeClient
 
-    client = EdgeClient(args.home, args.device_id, fine_tuning=not args.no_fine_tuning)
+    client = EdgeClient(args.home, args.device_id, fine_tuning=None if args.no_fine_tuning else args.fine_tuning)
     try:
         report = client.sync(args.address, timeout_s=args.timeout)
     finally:
@@ -204,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     csync.add_argument("--address", required=True)
     csync.add_argument("--timeout", type=float, default=30.0)
     csync.add_argument("--no-fine-tuning", action="store_true", help="download only what inference needs")
+    csync.add_argument("--fine-tuning", default="keras", choices=["keras", "head"], help="fine-tuning profile")
     csync.set_defaults(run=_client_sync)
     cstatus = client.add_parser("status", help="journal, pending work, installed versions and storage")
     cstatus.add_argument("--home", required=True)
@@ -212,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from fedsync._quiet import quiet_tensorflow_logs
+
+    quiet_tensorflow_logs()
     args = build_parser().parse_args(argv)
     run: Callable[[argparse.Namespace], int] = args.run
     try:

@@ -1,0 +1,309 @@
+"""The edge journal: sequence numbers, acks, deltas, durability settings, and kill -9 survival."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from client.journal import Durability, Journal, JournalEvent
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _row(i: int, version: int = 1) -> tuple[bytes, int, float, int, float]:
+    return (i.to_bytes(8, "big"), i % 10, 0.5 + (i % 7) / 100, version, float(i))
+
+
+@pytest.fixture
+def journal(tmp_path: Path):
+    j = Journal(tmp_path / "journal.db")
+    yield j
+    j.close()
+
+
+def _all_event_seqs(conn: sqlite3.Connection) -> list[int]:
+    return [r[0] for r in conn.execute("SELECT seq FROM events ORDER BY seq")]
+
+
+# -- events -------------------------------------------------------------------------------------
+
+
+def test_fresh_journal_is_empty(journal: Journal) -> None:
+    assert journal.last_event_seq() == 0
+    assert journal.events_acked() == 0
+    assert journal.pending_event_count() == 0
+    assert journal.pending_delta_count() == 0
+    assert list(journal.iter_event_batches(0, 10)) == []
+    assert journal.event(1) is None
+
+
+def test_append_events_returns_contiguous_seqs_and_stores_rows(journal: Journal) -> None:
+    first = journal.append_events([_row(i) for i in range(3)], time_ns=123)
+    second = journal.append_events([_row(i) for i in range(3, 8)], time_ns=456)
+    assert first == [1, 2, 3]
+    assert second == [4, 5, 6, 7, 8]
+    assert journal.append_events([]) == []
+    assert journal.last_event_seq() == 8
+    assert journal.event(1) == JournalEvent(1, _row(0)[0], 0, 0.5, 1, 0.0, 123)
+    event = journal.event(8)
+    assert event is not None
+    assert (event.input_hash, event.label, event.confidence, event.model_version, event.latency_us) == _row(7)
+    assert event.time_ns == 456
+
+
+def test_seqs_continue_across_close_and_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    j = Journal(path)
+    assert j.append_events([_row(i) for i in range(4)]) == [1, 2, 3, 4]
+    j.ack_events(2)
+    j.close()
+
+    j = Journal(path)
+    try:
+        assert j.last_event_seq() == 4
+        assert j.events_acked() == 2
+        assert [j.event(s).input_hash for s in range(1, 5)] == [_row(i)[0] for i in range(4)]  # type: ignore[union-attr]
+        assert j.append_events([_row(i) for i in range(4, 6)]) == [5, 6]
+        assert _all_event_seqs(j.conn) == [1, 2, 3, 4, 5, 6]
+    finally:
+        j.close()
+
+
+def test_iter_event_batches_is_bounded_ordered_and_resumes(journal: Journal) -> None:
+    journal.append_events([_row(i) for i in range(10)])
+    batches = list(journal.iter_event_batches(0, 3))
+    assert [len(b) for b in batches] == [3, 3, 3, 1]
+    assert [e.seq for b in batches for e in b] == list(range(1, 11))
+    assert all(isinstance(e, JournalEvent) for b in batches for e in b)
+
+    resumed = list(journal.iter_event_batches(7, 2))
+    assert [[e.seq for e in b] for b in resumed] == [[8, 9], [10]]
+    assert list(journal.iter_event_batches(10, 5)) == []
+    assert [[e.seq for e in b] for b in journal.iter_event_batches(0, 100)] == [list(range(1, 11))]
+
+
+def test_iter_event_batches_sees_events_appended_while_iterating(journal: Journal) -> None:
+    journal.append_events([_row(i) for i in range(4)])
+    seen = []
+    for batch in journal.iter_event_batches(0, 2):
+        seen.extend(e.seq for e in batch)
+        if len(seen) == 2:
+            journal.append_events([_row(99)])
+    assert seen == [1, 2, 3, 4, 5]
+
+
+def test_ack_events_never_moves_backwards_and_drives_pending(journal: Journal) -> None:
+    journal.append_events([_row(i) for i in range(10)])
+    assert journal.pending_event_count() == 10
+    journal.ack_events(4)
+    assert journal.events_acked() == 4
+    assert journal.pending_event_count() == 6
+    journal.ack_events(2)  # a stale ack (e.g. a retried response) must not re-open sent events
+    assert journal.events_acked() == 4
+    assert journal.pending_event_count() == 6
+    journal.ack_events(4)
+    assert journal.events_acked() == 4
+    journal.ack_events(10)
+    assert journal.events_acked() == 10
+    assert journal.pending_event_count() == 0
+    journal.append_events([_row(10)])
+    assert journal.pending_event_count() == 1
+
+
+def test_ack_survives_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    j = Journal(path)
+    j.append_events([_row(i) for i in range(5)])
+    j.ack_events(3)
+    j.close()
+    j = Journal(path)
+    try:
+        j.ack_events(1)
+        assert j.events_acked() == 3
+        assert j.pending_event_count() == 2
+    finally:
+        j.close()
+
+
+# -- deltas -------------------------------------------------------------------------------------
+
+
+def test_append_delta_stores_payload_and_sha256(journal: Journal) -> None:
+    payload = os.urandom(1000)
+    seq = journal.append_delta(3, 42, "float32", '[{"name": "w"}]', payload, 0.25)
+    assert seq == 1
+    assert journal.append_delta(3, 1, "int8", "[]", b"x", 1.0) == 2
+    (delta,) = [d for d in journal.pending_deltas(0) if d.seq == 1]
+    assert delta.base_version == 3
+    assert delta.num_examples == 42
+    assert delta.codec == "float32"
+    assert delta.tensor_specs == '[{"name": "w"}]'
+    assert delta.payload == payload
+    assert delta.payload_sha256 == hashlib.sha256(payload).digest()
+    assert delta.train_loss == 0.25
+    assert delta.created_ns > 0
+    status = journal.conn.execute("SELECT status FROM deltas WHERE seq = 1").fetchone()[0]
+    assert status == "pending"
+    assert journal.pending_delta_count() == 2
+
+
+def test_append_delta_runs_extra_statements_in_the_same_transaction(journal: Journal) -> None:
+    seq = journal.append_delta(
+        1, 1, "topk:0.1", "[]", b"p", 0.0,
+        extra_statements=[("INSERT INTO meta (key, value) VALUES (?, ?)", ("residual", 7))],
+    )
+    assert seq == 1
+    assert journal.get_meta("residual") == 7
+
+
+def test_failing_extra_statement_rolls_back_the_delta(journal: Journal) -> None:
+    journal.append_delta(1, 1, "float32", "[]", b"first", 0.0)
+    journal.set_meta("taken", 1)
+    with pytest.raises(sqlite3.IntegrityError):
+        journal.append_delta(
+            1, 1, "float32", "[]", b"second", 0.0,
+            extra_statements=[
+                ("INSERT INTO meta (key, value) VALUES (?, ?)", ("residual", 5)),
+                ("INSERT INTO meta (key, value) VALUES (?, ?)", ("taken", 2)),  # primary key clash
+            ],
+        )
+    assert not journal.conn.in_transaction
+    assert [d.payload for d in journal.pending_deltas(0)] == [b"first"]
+    assert journal.pending_delta_count() == 1
+    assert journal.get_meta("residual", default=-1) == -1  # the earlier extra statement went too
+    assert journal.get_meta("taken") == 1
+    # The journal is still usable, and the next delta takes the next seq.
+    assert journal.append_delta(1, 1, "float32", "[]", b"third", 0.0) == 2
+
+
+def test_ack_delta_updates_status_and_pending(journal: Journal) -> None:
+    for i in range(3):
+        journal.append_delta(1, 1, "float32", "[]", bytes([i]), 0.0)
+    assert journal.pending_delta_count() == 3
+    journal.ack_delta(1, "sent")
+    journal.ack_delta(2, "rejected", "too stale")
+    rows = journal.conn.execute("SELECT seq, status, reason FROM deltas ORDER BY seq").fetchall()
+    assert rows[0][:2] == (1, "sent")
+    assert rows[1] == (2, "rejected", "too stale")
+    assert rows[2][1] == "pending"
+    assert journal.deltas_acked() == 2
+    assert journal.pending_delta_count() == 1
+    assert [d.seq for d in journal.pending_deltas(journal.deltas_acked())] == [3]
+    journal.ack_delta(1, "sent")  # re-acking an older delta does not move the mark back
+    assert journal.deltas_acked() == 2
+
+
+def test_pending_deltas_resume_after_seq(journal: Journal) -> None:
+    for i in range(4):
+        journal.append_delta(1, 1, "float32", "[]", bytes([i]), 0.0)
+    assert [d.seq for d in journal.pending_deltas(2)] == [3, 4]
+    assert [d.payload for d in journal.pending_deltas(0)] == [b"\x00", b"\x01", b"\x02", b"\x03"]
+
+
+# -- database settings --------------------------------------------------------------------------
+
+
+def test_integrity_check_ok_and_wal_mode(journal: Journal) -> None:
+    journal.append_events([_row(i) for i in range(50)])
+    assert journal.integrity_ok()
+    assert journal.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+@pytest.mark.parametrize(("durability", "expected"), [(Durability.POWER, 2), (Durability.PROCESS, 1)])
+def test_durability_sets_synchronous(tmp_path: Path, durability: Durability, expected: int) -> None:
+    j = Journal(tmp_path / "journal.db", durability)
+    try:
+        assert j.conn.execute("PRAGMA synchronous").fetchone()[0] == expected
+    finally:
+        j.close()
+
+
+def test_default_durability_is_power(journal: Journal) -> None:
+    assert journal.conn.execute("PRAGMA synchronous").fetchone()[0] == 2
+
+
+# -- kill -9 ------------------------------------------------------------------------------------
+
+_WRITER = textwrap.dedent(
+    """
+    import random, sys
+    sys.path.insert(0, {repo!r})
+    from pathlib import Path
+    from client.journal import Durability, Journal
+
+    journal = Journal(Path({db!r}), Durability[{durability!r}])
+    rng = random.Random({seed})
+    n = 0
+    print("ready", flush=True)
+    while True:
+        k = rng.randint(1, 5)
+        rows = [((n + i).to_bytes(8, "big"), (n + i) % 10, 0.5, 1, float(n + i)) for i in range(k)]
+        seqs = journal.append_events(rows)
+        n += k
+        print(" ".join(map(str, seqs)), flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("trial", range(3))
+def test_committed_events_survive_kill_9(tmp_path: Path, trial: int) -> None:
+    db = tmp_path / "journal.db"
+    durability = "POWER" if trial == 1 else "PROCESS"
+    seed = random.randrange(1 << 30)
+    delay = random.Random(seed).uniform(0.05, 0.4)
+    code = _WRITER.format(repo=str(REPO), db=str(db), durability=durability, seed=seed)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    lines: list[bytes] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)  # type: ignore[arg-type]
+    try:
+        reader.start()
+        deadline = time.monotonic() + 30
+        while not lines and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.01)
+        assert lines and lines[0] == b"ready\n", proc.stderr.read().decode() if proc.poll() is not None else lines
+        time.sleep(delay)
+        assert proc.poll() is None, f"writer died on its own: {proc.stderr.read().decode()}"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        reader.join(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()  # type: ignore[union-attr]
+    assert proc.returncode == -signal.SIGKILL
+
+    # Only complete lines were surely printed after their commit.
+    printed = [int(s) for line in lines[1:] if line.endswith(b"\n") for s in line.split()]
+    context = f"seed={seed} delay={delay:.3f} durability={durability}"
+    assert printed, f"the writer committed nothing before the kill ({context})"
+    assert printed == list(range(1, len(printed) + 1)), context
+
+    j = Journal(db)
+    try:
+        assert j.integrity_ok(), context
+        stored = _all_event_seqs(j.conn)
+        last = j.last_event_seq()
+        assert stored == list(range(1, last + 1)), context  # contiguous 1..N, no holes
+        assert set(printed) <= set(stored), context  # every acknowledged commit is there
+        assert last - printed[-1] <= 5, context  # at most the one batch committed but not yet printed
+        for seq in stored:
+            event = j.event(seq)
+            assert event is not None
+            assert event.input_hash == (seq - 1).to_bytes(8, "big"), context  # rows are whole, in order
+            assert event.label == (seq - 1) % 10
+        # And the journal keeps going from where the killed writer stopped.
+        assert j.append_events([_row(0)]) == [last + 1]
+    finally:
+        j.close()
