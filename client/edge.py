@@ -156,6 +156,17 @@ class EdgeClient:
                     self.cache.put(input_hash, version, label, confidence, corrected)
         return Prediction(label, confidence, model_label, version, seq, cached is not None, corrected)
 
+    def corrected_labels(self, x: np.ndarray) -> np.ndarray:
+        """The coordinator's resolved label for each sample, or -1 where there is no correction:
+        pseudo-labels for fine-tuning on inputs the device got wrong."""
+        batch = check_input(x)
+        labels = np.full(len(batch), -1, dtype=np.int64)
+        for i, sample in enumerate(batch):
+            correction = self.cache.correction(hashlib.sha256(sample.tobytes()).digest())
+            if correction is not None:
+                labels[i] = correction.label
+        return labels
+
     # -- fine-tuning -----------------------------------------------------------------------
 
     def fine_tune(

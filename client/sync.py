@@ -226,6 +226,12 @@ class _Session:
             self.report.install_error = str(exc)
             return
         self.report.installed_version = installed
+        # Tell the coordinator which version this device now runs: it keeps that version published.
+        self.stub.Hello(
+            pb.HelloRequest(model_version=installed, client_version="fedsync/0.1"),
+            metadata=self.metadata,
+            timeout=self.timeout_s,
+        )
 
     def _download(self, version: int, artifact: Artifact, path: Path) -> None:
         offset = path.stat().st_size if path.exists() else 0

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import threading
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
+from coordinator.metrics import CoordinatorMetrics, NullMetrics
 from coordinator.publisher import ModelPublisher
 from coordinator.store import CoordinatorStore
+from fedsync._failpoints import failpoint
 from fedsync.aggregation import Strategy, Update
 from fedsync.codecs import EncodedDelta, TensorSpec
 from fedsync.manifest import Manifest
@@ -74,7 +77,16 @@ def aggregate_covering(strategy: Strategy, global_weights: Weights, updates: lis
 
 
 class Aggregator:
-    def __init__(self, store: CoordinatorStore, publisher: ModelPublisher, strategy: Strategy) -> None:
+    def __init__(
+        self,
+        store: CoordinatorStore,
+        publisher: ModelPublisher,
+        strategy: Strategy,
+        metrics: CoordinatorMetrics | None = None,
+        keep_versions: int = 5,
+    ) -> None:
+        self.keep_versions = keep_versions
+        self.metrics = metrics or NullMetrics()
         self.store = store
         self.publisher = publisher
         self.strategy = strategy
@@ -132,14 +144,31 @@ class Aggregator:
             self.store.commit_version_rejections(rejected)
             return None
         new_weights = aggregate_covering(self.strategy, self.weights, updates)
+        failpoint("aggregator.before_publish")
         manifest = self.publisher.publish(new_version, self.version, new_weights)
         manifest_json = manifest.to_json()
+        failpoint("aggregator.after_publish")
         self.store.commit_version(
             new_version, self.version, manifest_json, manifest.metrics.get("accuracy"), used, rejected
         )
         self.version, self.weights, self.manifest_json = new_version, new_weights, manifest_json
+        self.metrics.version_published()
+        self.prune_versions()
+        for _, _, reason in rejected:
+            self.metrics.delta_rejected(reason.split(" ", 1)[0])
         log.info("published version %d from %d deltas (%d rejected)", new_version, len(used), len(rejected))
         return PublishedVersion(new_version, manifest.metrics.get("accuracy", float("nan")), len(used), len(rejected))
+
+    def prune_versions(self) -> list[int]:
+        """Delete the artifacts of old versions, keeping the newest `keep_versions` and every
+        version a device still reports as its installed model or a buffered delta's base."""
+        keep = set(range(self.version - self.keep_versions + 1, self.version + 1)) | self.store.versions_in_use()
+        removed = []
+        for path in self.publisher.models_dir.glob("v*"):
+            if path.name[1:].isdigit() and int(path.name[1:]) not in keep:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(int(path.name[1:]))
+        return sorted(removed)
 
     def current_manifest(self) -> Manifest:
         return Manifest.from_json(self.manifest_json)

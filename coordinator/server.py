@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 
 from coordinator.aggregator import Aggregator, PublishedVersion
+from coordinator.metrics import PrometheusMetrics
 from coordinator.publisher import EvaluationData, ModelPublisher
 from coordinator.service import SyncService
 from coordinator.store import CoordinatorStore
@@ -48,6 +49,8 @@ class Coordinator:
         publish_trainable_head: bool = True,
         auto_aggregate: bool = True,
         max_workers: int = 16,
+        metrics: bool = False,
+        keep_versions: int = 5,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -60,12 +63,21 @@ class Coordinator:
             int8=publish_int8,
             trainable_head=publish_trainable_head,
         )
-        self.aggregator = Aggregator(self.store, self.publisher, self.strategy)
+        self.metrics: PrometheusMetrics | None = None
+        if metrics:
+            self.metrics = PrometheusMetrics(
+                buffer_fill=lambda: self.store.buffered_count()[0], connected_devices=self.store.devices_seen_since
+            )
+        self.aggregator = Aggregator(
+            self.store, self.publisher, self.strategy, self.metrics, keep_versions=keep_versions
+        )
         self.auto_aggregate = auto_aggregate
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._loop: threading.Thread | None = None
-        self.service = SyncService(self.store, self.aggregator, self.data_dir / "models", on_delta=self._wake.set)
+        self.service = SyncService(
+            self.store, self.aggregator, self.data_dir / "models", on_delta=self._wake.set, metrics=self.metrics
+        )
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=channel_options())
         add_SyncServicer_to_server(self.service, self.server)
         self.port = 0
@@ -108,7 +120,15 @@ class Coordinator:
     def wait(self) -> None:
         self.server.wait_for_termination()
 
+    def serve_metrics(self, port: int = 0, address: str = "127.0.0.1") -> int:
+        """Expose Prometheus metrics at http://address:port/metrics (needs metrics=True)."""
+        if self.metrics is None:
+            raise RuntimeError("this coordinator was created without metrics=True")
+        return self.metrics.serve(port, address)
+
     def stop(self, grace_s: float = 1.0) -> None:
+        if self.metrics is not None:
+            self.metrics.stop()
         self._stopping.set()
         self._wake.set()
         self.server.stop(grace_s).wait()

@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 
 from coordinator.aggregator import Aggregator, encoded_delta
+from coordinator.metrics import CoordinatorMetrics, NullMetrics
 from coordinator.store import CoordinatorStore, EventRow, StoreError
 from fedsync.aggregation import DeltaRejected, validate_delta
 from fedsync.codecs import CodecError, get_codec
@@ -47,7 +48,9 @@ class SyncService(SyncServicer):
         aggregator: Aggregator,
         models_dir: Path,
         on_delta: Callable[[], None] = lambda: None,
+        metrics: CoordinatorMetrics | None = None,
     ) -> None:
+        self.metrics = metrics or NullMetrics()
         self.store = store
         self.aggregator = aggregator
         self.models_dir = Path(models_dir)
@@ -80,6 +83,8 @@ class SyncService(SyncServicer):
                 result = self.store.add_events(device, rows)
             except StoreError as exc:
                 context.abort(_STORE_CODES[exc.kind], str(exc))
+            if result.conflicts_touched:
+                self.metrics.conflicts_resolved(result.conflicts_touched)
             yield pb.EventAck(high_water=result.high_water, accepted=result.accepted, duplicates=result.duplicates)
 
     def PushDelta(self, request_iterator: Iterator[pb.DeltaChunk], context: grpc.ServicerContext) -> pb.DeltaAck:
@@ -148,28 +153,36 @@ class SyncService(SyncServicer):
         try:
             if problem is not None:
                 # Record the refusal durably so a retransmission gets the same answer.
-                hw = self.store.add_delta(**common, payload=None, status="rejected", reason=problem)
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"delta {header.seq} rejected: {problem}")
+                hw = self.store.add_delta(**common, payload=None, status="rejected", reason=problem[1])
+                self.metrics.delta_rejected(problem[0])
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"delta {header.seq} rejected: {problem[1]}")
             reason = self.aggregator.strategy.accepts(staleness)
             status = "rejected" if reason else "buffered"
             hw = self.store.add_delta(**common, payload=payload, status=status, reason=reason or "")
         except StoreError as exc:
             context.abort(_STORE_CODES[exc.kind], str(exc))
         if reason:
+            self.metrics.delta_rejected(reason)
             return pb.DeltaAck(
                 seq=header.seq,
                 status=pb.DeltaAck.REJECTED,
                 reason=f"{reason} (staleness {staleness})",
                 deltas_high_water=hw,
             )
+        self.metrics.delta_accepted(staleness)
         self.on_delta()
         return pb.DeltaAck(seq=header.seq, status=pb.DeltaAck.ACCEPTED, deltas_high_water=hw)
 
-    def _delta_problem(self, header: pb.DeltaHeader, specs_json: str, payload: bytes, staleness: int) -> str | None:
+    def _delta_problem(
+        self, header: pb.DeltaHeader, specs_json: str, payload: bytes, staleness: int
+    ) -> tuple[str, str] | None:
+        """(reason, message) when the delta must be refused, else None."""
         if header.num_examples == 0:
-            return "num_examples must be positive"
+            return "no_examples", "num_examples must be positive"
         if staleness < 0:
-            return f"base version {header.base_version} is newer than the current version {self.aggregator.version}"
+            return "future_base", (
+                f"base version {header.base_version} is newer than the current version {self.aggregator.version}"
+            )
         try:
             get_codec(header.codec)
             delta = encoded_delta(header.codec, specs_json, payload)
@@ -181,9 +194,9 @@ class SyncService(SyncServicer):
                 reference = {name: reference[name] for name in names}
             validate_delta(delta, reference)
         except (CodecError, ValueError) as exc:
-            return f"codec: {exc}"
+            return "codec", f"codec: {exc}"
         except DeltaRejected as exc:
-            return str(exc)
+            return exc.reason, str(exc)
         return None
 
     def PullCorrections(
@@ -194,6 +207,7 @@ class SyncService(SyncServicer):
         rows = self.store.corrections_after(device, request.after_cursor, limit + 1)
         more = len(rows) > limit
         rows = rows[:limit]
+        self.metrics.corrections_sent(len(rows))
         return pb.PullCorrectionsResponse(
             corrections=[
                 pb.Correction(

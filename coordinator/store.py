@@ -498,6 +498,23 @@ class CoordinatorStore:
             for v, n, acc in self.conn.execute("SELECT version, num_deltas, accuracy FROM versions ORDER BY version")
         ]
 
+    @_locked
+    def versions_in_use(self) -> set[int]:
+        """Versions a device reports as installed or that a buffered delta is based on."""
+        installed = {row[0] for row in self.conn.execute("SELECT DISTINCT model_version FROM devices")}
+        bases = {
+            row[0] for row in self.conn.execute("SELECT DISTINCT base_version FROM deltas WHERE status = 'buffered'")
+        }
+        return {int(v) for v in installed | bases if v}
+
+    @_locked
+    def devices_seen_since(self, unix_s: float) -> int:
+        return int(
+            self.conn.execute("SELECT COUNT(*) FROM devices WHERE last_seen_ns >= ?", (int(unix_s * 1e9),)).fetchone()[
+                0
+            ]
+        )
+
     # -- figures --------------------------------------------------------------------------
 
     @_locked

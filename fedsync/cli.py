@@ -36,13 +36,20 @@ def _serve(args: argparse.Namespace) -> int:
 
     if args.buffer_size < 1:
         raise CommandError(f"--buffer-size must be at least 1, got {args.buffer_size}")
+    if args.keep_versions < 1:
+        raise CommandError(f"--keep-versions must be at least 1, got {args.keep_versions}")
     from coordinator import Coordinator
 
     strategy = Strategy.fedbuff(buffer_size=args.buffer_size, max_staleness=args.max_staleness)
-    coordinator = Coordinator(args.data_dir, strategy=strategy)
+    coordinator = Coordinator(
+        args.data_dir, strategy=strategy, metrics=args.metrics_port is not None, keep_versions=args.keep_versions
+    )
     port = coordinator.start(args.address)
     host = args.address.rsplit(":", 1)[0]
     print(f"fedsync coordinator listening on {host}:{port} (data in {args.data_dir}, version {coordinator.version})")
+    if args.metrics_port is not None:
+        metrics_port = coordinator.serve_metrics(args.metrics_port, host)
+        print(f"Prometheus metrics at http://{host}:{metrics_port}/metrics")
     sys.stdout.flush()
     stop = lambda *_: coordinator.server.stop(2)  # noqa: E731
     signal.signal(signal.SIGTERM, stop)
@@ -177,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--address", default="127.0.0.1:50051", help="host:port to listen on")
     serve.add_argument("--buffer-size", type=int, default=10, help="deltas per new version")
     serve.add_argument("--max-staleness", type=int, default=8, help="reject deltas older than this many versions")
+    serve.add_argument("--keep-versions", type=int, default=5, help="published versions to keep (plus those in use)")
+    serve.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     serve.set_defaults(run=_serve)
 
     sim = commands.add_parser("simulate", help="simulate a fleet of intermittent devices against a real coordinator")

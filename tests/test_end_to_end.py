@@ -113,6 +113,8 @@ def test_offline_work_syncs_exactly_once_and_resolves_conflicts(tmp_path: Path) 
         ).fetchall()
         assert cached and all(row == (winning_label, 1) for row in cached)
         assert loser.predict(planted).label == winning_label
+        # Corrections double as pseudo-labels for local fine-tuning.
+        assert loser.corrected_labels(np.stack([planted, test.x[449]])).tolist() == [winning_label, -1]
         for client in (a, b, c):
             assert client.journal.integrity_ok()
         assert coordinator.store.integrity_ok()
