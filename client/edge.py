@@ -8,6 +8,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -15,11 +16,22 @@ from client.journal import Durability, Journal
 from client.litert_runtime import InputError, LiteRTClassifier, check_input
 from client.model_store import ModelStore
 from client.predictions import PredictionCache, create_prediction_tables
+from client.process_stats import process_start_unix, resident_memory_mb
 from client.sync import SyncReport, sync_with_retries
 from fedsync.manifest import KERAS, TFLITE_FLOAT32, TFLITE_INT8, TFLITE_TRAINABLE_HEAD, Manifest
 
-_classifiers: dict[str, LiteRTClassifier] = {}
+_classifiers: dict[tuple[str, str], Classifier] = {}
 _classifiers_lock = threading.Lock()
+_first_prediction_done = False  # per process: the first prediction records the cold start
+RSS_SAMPLE_EVERY = 100
+INFERENCE_BACKENDS = {"float32": TFLITE_FLOAT32, "int8": TFLITE_INT8, "keras": KERAS}
+
+
+class Classifier(Protocol):
+    input_shape: tuple[int, ...]
+    num_outputs: int
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray: ...
 
 
 # "keras": whole-model fine-tuning with TensorFlow. "head": the trainable softmax head in LiteRT,
@@ -43,21 +55,29 @@ class Prediction:
     corrected: bool
 
 
-def shared_classifier(path: Path, sha256: str) -> LiteRTClassifier:
+def load_classifier(kind: str, path: Path) -> Classifier:
+    if kind == KERAS:
+        from client.keras_backend import KerasClassifier
+
+        return KerasClassifier(path)
+    return LiteRTClassifier(path)
+
+
+def shared_classifier(kind: str, path: Path, sha256: str) -> Classifier:
     """One interpreter per model file content in this process, whatever the number of clients."""
     with _classifiers_lock:
-        classifier = _classifiers.get(sha256)
+        classifier = _classifiers.get((kind, sha256))
         if classifier is None:
-            classifier = LiteRTClassifier(path)
-            _classifiers[sha256] = classifier
+            classifier = load_classifier(kind, path)
+            _classifiers[(kind, sha256)] = classifier
         return classifier
 
 
 class EdgeClient:
     """An edge device's runtime. All state lives under `home`.
 
-    inference: "float32" or "int8" (which .tflite to run). Fine-tuning uses Keras and needs the
-    `tensorflow` extra; inference never imports TensorFlow.
+    inference: "float32" or "int8" runs that .tflite with LiteRT and never imports TensorFlow;
+    "keras" is the fallback backend for devices without LiteRT. fine_tuning: see FINE_TUNING_PROFILES.
     """
 
     def __init__(
@@ -70,14 +90,14 @@ class EdgeClient:
         durability: Durability = Durability.POWER,
         keep_versions: int = 3,
     ) -> None:
-        if inference not in ("float32", "int8"):
-            raise ValueError(f"inference must be 'float32' or 'int8', got {inference!r}")
+        if inference not in INFERENCE_BACKENDS:
+            raise ValueError(f"inference must be one of {sorted(INFERENCE_BACKENDS)}, got {inference!r}")
         if fine_tuning not in FINE_TUNING_PROFILES:
             raise ValueError(f"fine_tuning must be one of {FINE_TUNING_PROFILES}, got {fine_tuning!r}")
         self.home = Path(home)
         self.home.mkdir(parents=True, exist_ok=True)
         self.device_id = device_id
-        self.inference_kind = TFLITE_INT8 if inference == "int8" else TFLITE_FLOAT32
+        self.inference_kind = INFERENCE_BACKENDS[inference]
         self.fine_tuning = fine_tuning
         self.journal = Journal(self.home / "journal.db", durability)
         with self.journal.transaction():
@@ -85,18 +105,29 @@ class EdgeClient:
         self.cache = PredictionCache(self.journal.conn)
         self.models = ModelStore(self.home / "models", keep_versions=keep_versions)
         self._lock = threading.RLock()
+        self._serving: tuple[Classifier, int] | None = None
+        self._predictions = 0
 
     # -- model -----------------------------------------------------------------------------
 
     @property
     def model_version(self) -> int:
-        return self.models.current_version()
+        serving = self._serving
+        return serving[1] if serving is not None else self.models.current_version()
+
+    def reload_model(self) -> None:
+        """Serve whatever the model store's CURRENT now points at (after an install or rollback)."""
+        with self._lock:
+            self._serving = None
 
     def wanted_artifact_kinds(self) -> list[str]:
         training = {"keras": [KERAS], "head": [TFLITE_TRAINABLE_HEAD], None: []}[self.fine_tuning]
         return [self.inference_kind, *training]
 
-    def _classifier(self) -> tuple[LiteRTClassifier, int]:
+    def _classifier(self) -> tuple[Classifier, int]:
+        serving = self._serving
+        if serving is not None:
+            return serving
         manifest = self.models.manifest()
         if manifest is None:
             raise NoModelError("no model installed yet: sync with a coordinator first")
@@ -104,14 +135,15 @@ class EdgeClient:
         path = self.models.artifact_path(self.inference_kind)
         if artifact is None or path is None:
             raise NoModelError(f"model version {manifest.version} has no {self.inference_kind} artifact")
-        return shared_classifier(path, artifact.sha256), manifest.version
+        self._serving = (shared_classifier(self.inference_kind, path, artifact.sha256), manifest.version)
+        return self._serving
 
     def smoke_test(self, version_dir: Path, manifest: Manifest) -> None:
         """Load the new version and run one inference; raises when it cannot serve."""
         artifact = manifest.artifact(self.inference_kind)
         if artifact is None:
             raise ValueError(f"no {self.inference_kind} artifact")
-        classifier = LiteRTClassifier(version_dir / artifact.name)
+        classifier = load_classifier(self.inference_kind, version_dir / artifact.name)
         expected = tuple(manifest.inputs[0].shape[1:])
         if tuple(classifier.input_shape[1:]) != expected:
             raise ValueError(f"model input shape {classifier.input_shape} does not match manifest {expected}")
@@ -154,7 +186,19 @@ class EdgeClient:
                 (seq,) = self.journal.append_events([(input_hash, model_label, confidence, version, latency_us)])
                 if cached is None:
                     self.cache.put(input_hash, version, label, confidence, corrected)
+                self._record_inference_stats(seq, latency_us)
         return Prediction(label, confidence, model_label, version, seq, cached is not None, corrected)
+
+    def _record_inference_stats(self, seq: int, latency_us: float) -> None:
+        """Cold start once per process; resident memory every RSS_SAMPLE_EVERY warm inferences."""
+        global _first_prediction_done
+        self._predictions += 1
+        if not _first_prediction_done:
+            _first_prediction_done = True
+            cold_start_s = time.time() - process_start_unix()
+            self.journal.record_inference_stats(seq, "cold", latency_us, resident_memory_mb(), cold_start_s)
+        elif self._predictions % RSS_SAMPLE_EVERY == 1:
+            self.journal.record_inference_stats(seq, "warm", latency_us, resident_memory_mb(), None)
 
     def corrected_labels(self, x: np.ndarray) -> np.ndarray:
         """The coordinator's resolved label for each sample, or -1 where there is no correction:

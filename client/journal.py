@@ -112,6 +112,11 @@ class Journal:
                 )
             if "meta" not in db.table_names():
                 db["meta"].create({"key": str, "value": int}, pk="key")
+            if "inference_stats" not in db.table_names():
+                db["inference_stats"].create(
+                    {"seq": int, "kind": str, "latency_us": float, "rss_mb": float, "cold_start_s": float},
+                    pk="seq",
+                )
             if "codec_residuals" not in db.table_names():
                 # Error feedback for lossy codecs: what quantization left out, sent with the next delta.
                 db["codec_residuals"].create(
@@ -216,6 +221,14 @@ class Journal:
             for sql, params in extra_statements:
                 self.conn.execute(sql, params)
         return int(seq)
+
+    def record_inference_stats(
+        self, seq: int, kind: str, latency_us: float, rss_mb: float, cold_start_s: float | None
+    ) -> None:
+        self.conn.execute(
+            "INSERT OR REPLACE INTO inference_stats VALUES (?, ?, ?, ?, ?)",
+            (seq, kind, latency_us, rss_mb, cold_start_s),
+        )
 
     def codec_residuals(self) -> dict[str, np.ndarray]:
         rows = self.conn.execute("SELECT name, shape, residual FROM codec_residuals").fetchall()

@@ -49,9 +49,7 @@ class PredictionCache:
         ).fetchone()
         return None if row is None else CachedPrediction(int(row[0]), float(row[1]), bool(row[2]))
 
-    def put(
-        self, input_hash: bytes, model_version: int, label: int, confidence: float, corrected: bool
-    ) -> None:
+    def put(self, input_hash: bytes, model_version: int, label: int, confidence: float, corrected: bool) -> None:
         self.conn.execute(
             "INSERT OR REPLACE INTO prediction_cache VALUES (?, ?, ?, ?, ?)",
             (input_hash, model_version, label, confidence, int(corrected)),

@@ -37,9 +37,7 @@ if TYPE_CHECKING:
 EVENT_BATCH_SIZE = 2048
 EVENT_WINDOW = 8  # batches in flight before waiting for acks: bounds memory and resend cost
 DELTA_CHUNK_BYTES = 1 << 20
-RETRYABLE = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED}
-)
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED})
 
 
 @dataclass
@@ -158,9 +156,7 @@ class _Session:
                 train_loss=delta.train_loss,
             )
 
-            def chunks(
-                header: pb.DeltaHeader = header, payload: bytes = delta.payload
-            ) -> Iterator[pb.DeltaChunk]:
+            def chunks(header: pb.DeltaHeader = header, payload: bytes = delta.payload) -> Iterator[pb.DeltaChunk]:
                 yield pb.DeltaChunk(header=header)
                 view = memoryview(payload)
                 for start in range(0, len(view), DELTA_CHUNK_BYTES):
@@ -210,9 +206,7 @@ class _Session:
     # -- model ---------------------------------------------------------------------------
 
     def _pull_model(self) -> None:
-        info = self.stub.GetModelInfo(
-            pb.GetModelInfoRequest(), metadata=self.metadata, timeout=self.timeout_s
-        )
+        info = self.stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=self.metadata, timeout=self.timeout_s)
         if info.version == 0 or info.version <= self.client.model_version:
             return
         try:
@@ -226,6 +220,7 @@ class _Session:
             self.report.install_error = str(exc)
             return
         self.report.installed_version = installed
+        self.client.reload_model()
         # Tell the coordinator which version this device now runs: it keeps that version published.
         self.stub.Hello(
             pb.HelloRequest(model_version=installed, client_version="fedsync/0.1"),
@@ -242,9 +237,7 @@ class _Session:
             request = pb.DownloadArtifactRequest(version=version, name=artifact.name, offset=offset)
             for chunk in self.stub.DownloadArtifact(request, metadata=self.metadata, timeout=self.timeout_s):
                 if chunk.offset != f.tell():
-                    raise InstallError(
-                        f"{artifact.name}: chunk at offset {chunk.offset}, expected {f.tell()}"
-                    )
+                    raise InstallError(f"{artifact.name}: chunk at offset {chunk.offset}, expected {f.tell()}")
                 f.write(chunk.data)
                 self.report.bytes_down += len(chunk.data)
             f.flush()

@@ -172,6 +172,59 @@ def _client_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _client_prune(args: argparse.Namespace) -> int:
+    from client.model_store import ModelStore
+
+    home = Path(args.home)
+    if not (home / "models").is_dir():
+        raise CommandError(f"{home} holds no fedsync model store (no models/ folder)")
+    if args.keep < 1:
+        raise CommandError(f"--keep must be at least 1, got {args.keep}")
+    store = ModelStore(home / "models")
+    removed = store.prune(args.keep)
+    print(json.dumps({"removed_versions": removed, "kept_versions": store.installed_versions()}))
+    return 0
+
+
+def _client_stats(args: argparse.Namespace) -> int:
+    import sqlite3
+
+    path = Path(args.home) / "journal.db"
+    if not path.exists():
+        raise CommandError(f"{args.home} holds no fedsync client (no journal.db)")
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        latencies = sorted(row[0] for row in conn.execute("SELECT latency_us FROM events WHERE latency_us IS NOT NULL"))
+        cold = conn.execute(
+            "SELECT cold_start_s, latency_us, rss_mb FROM inference_stats WHERE kind = 'cold' ORDER BY seq DESC LIMIT 1"
+        ).fetchone()
+        rss = conn.execute("SELECT MAX(rss_mb), AVG(rss_mb) FROM inference_stats").fetchone()
+        warm = latencies[1:] if cold is not None else latencies
+    finally:
+        conn.close()
+
+    def percentile(values: list[float], q: float) -> float | None:
+        return round(values[min(len(values) - 1, int(q * len(values)))], 1) if values else None
+
+    print(
+        json.dumps(
+            {
+                "inferences": len(latencies),
+                "warm_latency_us": {
+                    "p50": percentile(warm, 0.5),
+                    "p95": percentile(warm, 0.95),
+                    "p99": percentile(warm, 0.99),
+                },
+                "cold_start_s": None if cold is None else round(cold[0], 3),
+                "cold_first_inference_us": None if cold is None else round(cold[1], 1),
+                "rss_mb": {"max": rss[0] and round(rss[0], 1), "mean": rss[1] and round(rss[1], 1)},
+            },
+            indent=1,
+        )
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedsync", description="Federated offline sync.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -218,6 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
     cstatus = client.add_parser("status", help="journal, pending work, installed versions and storage")
     cstatus.add_argument("--home", required=True)
     cstatus.set_defaults(run=_client_status)
+    cstats = client.add_parser("stats", help="inference latency, cold start and memory")
+    cstats.add_argument("--home", required=True)
+    cstats.set_defaults(run=_client_stats)
+    cprune = client.add_parser("prune", help="remove old model versions, keeping the newest good ones")
+    cprune.add_argument("--home", required=True)
+    cprune.add_argument("--keep", type=int, default=2)
+    cprune.set_defaults(run=_client_prune)
     return parser
 
 
