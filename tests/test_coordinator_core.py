@@ -29,7 +29,9 @@ def make_coordinator(data_dir: Path, **kwargs: object) -> Coordinator:
     return coordinator
 
 
-def trained_client(tmp_path: Path, name: str, coordinator: Coordinator, rows: slice, codec: str = "float32") -> EdgeClient:
+def trained_client(
+    tmp_path: Path, name: str, coordinator: Coordinator, rows: slice, codec: str = "float32"
+) -> EdgeClient:
     client = EdgeClient(tmp_path / name, name)
     client.sync(coordinator.address)
     client.fine_tune(TRAIN.x[rows], TRAIN.y[rows], epochs=3, codec=codec)

@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from client.journal import Durability, Journal, JournalEvent
@@ -160,7 +161,12 @@ def test_append_delta_stores_payload_and_sha256(journal: Journal) -> None:
 
 def test_append_delta_runs_extra_statements_in_the_same_transaction(journal: Journal) -> None:
     seq = journal.append_delta(
-        1, 1, "topk:0.1", "[]", b"p", 0.0,
+        1,
+        1,
+        "topk:0.1",
+        "[]",
+        b"p",
+        0.0,
         extra_statements=[("INSERT INTO meta (key, value) VALUES (?, ?)", ("residual", 7))],
     )
     assert seq == 1
@@ -172,7 +178,12 @@ def test_failing_extra_statement_rolls_back_the_delta(journal: Journal) -> None:
     journal.set_meta("taken", 1)
     with pytest.raises(sqlite3.IntegrityError):
         journal.append_delta(
-            1, 1, "float32", "[]", b"second", 0.0,
+            1,
+            1,
+            "float32",
+            "[]",
+            b"second",
+            0.0,
             extra_statements=[
                 ("INSERT INTO meta (key, value) VALUES (?, ?)", ("residual", 5)),
                 ("INSERT INTO meta (key, value) VALUES (?, ?)", ("taken", 2)),  # primary key clash
@@ -185,6 +196,38 @@ def test_failing_extra_statement_rolls_back_the_delta(journal: Journal) -> None:
     assert journal.get_meta("taken") == 1
     # The journal is still usable, and the next delta takes the next seq.
     assert journal.append_delta(1, 1, "float32", "[]", b"third", 0.0) == 2
+
+
+def test_codec_residuals_are_stored_with_the_delta(journal: Journal) -> None:
+    assert journal.codec_residuals() == {}
+    w = np.arange(6, dtype=np.float32).reshape(2, 3) / 7
+    b = np.array([0.5, -0.25, 1e-8], dtype=np.float64)  # stored as float32
+    journal.append_delta(1, 1, "int8", "[]", b"p1", 0.0, extra_statements=Journal.residual_statements({"w": w, "b": b}))
+    got = journal.codec_residuals()
+    assert sorted(got) == ["b", "w"]
+    np.testing.assert_array_equal(got["w"], w)
+    assert got["w"].dtype == np.float32 and got["w"].shape == (2, 3)
+    np.testing.assert_array_equal(got["b"], b.astype(np.float32))
+    got["w"][0, 0] = 99  # a writable copy, not a view of the row
+    assert journal.codec_residuals()["w"][0, 0] == 0
+
+    # The next delta's residuals replace the previous set entirely.
+    journal.append_delta(1, 1, "int8", "[]", b"p2", 0.0, extra_statements=Journal.residual_statements({"w": w * 2}))
+    got = journal.codec_residuals()
+    assert sorted(got) == ["w"]
+    np.testing.assert_array_equal(got["w"], w * 2)
+
+
+def test_failed_delta_keeps_the_previous_residuals(journal: Journal) -> None:
+    w = np.ones((3,), dtype=np.float32)
+    journal.append_delta(1, 1, "int8", "[]", b"p1", 0.0, extra_statements=Journal.residual_statements({"w": w}))
+    statements = [*Journal.residual_statements({"w": w * 5, "x": w}), ("INSERT INTO no_such_table VALUES (1)", ())]
+    with pytest.raises(sqlite3.OperationalError):
+        journal.append_delta(1, 1, "int8", "[]", b"p2", 0.0, extra_statements=statements)
+    got = journal.codec_residuals()
+    assert sorted(got) == ["w"]
+    np.testing.assert_array_equal(got["w"], w)
+    assert [d.payload for d in journal.pending_deltas(0)] == [b"p1"]
 
 
 def test_ack_delta_updates_status_and_pending(journal: Journal) -> None:

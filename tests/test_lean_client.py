@@ -40,9 +40,7 @@ print(json.dumps({{
 
 
 def test_lean_client_trains_the_head_without_tensorflow(tmp_path: Path) -> None:
-    coordinator = Coordinator(
-        tmp_path / "coordinator", strategy=Strategy.fedbuff(buffer_size=1), auto_aggregate=False
-    )
+    coordinator = Coordinator(tmp_path / "coordinator", strategy=Strategy.fedbuff(buffer_size=1), auto_aggregate=False)
     coordinator.start("127.0.0.1:0")
     try:
         before = {k: v.copy() for k, v in coordinator.aggregator.weights.items()}
