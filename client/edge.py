@@ -19,6 +19,7 @@ from client.predictions import PredictionCache, create_prediction_tables
 from client.process_stats import process_start_unix, resident_memory_mb
 from client.sync import SyncReport, sync_with_retries
 from fedsync.manifest import KERAS, TFLITE_FLOAT32, TFLITE_INT8, TFLITE_TRAINABLE_HEAD, Manifest
+from fedsync.wire import ClientTLS
 
 _classifiers: dict[tuple[str, str], Classifier] = {}
 _classifiers_lock = threading.Lock()
@@ -89,6 +90,8 @@ class EdgeClient:
         fine_tuning: str | None = "keras",
         durability: Durability = Durability.POWER,
         keep_versions: int = 3,
+        credential: str | None = None,
+        tls: ClientTLS | None = None,
     ) -> None:
         if inference not in INFERENCE_BACKENDS:
             raise ValueError(f"inference must be one of {sorted(INFERENCE_BACKENDS)}, got {inference!r}")
@@ -97,6 +100,8 @@ class EdgeClient:
         self.home = Path(home)
         self.home.mkdir(parents=True, exist_ok=True)
         self.device_id = device_id
+        self.credential = credential
+        self.tls = tls
         self.inference_kind = INFERENCE_BACKENDS[inference]
         self.fine_tuning = fine_tuning
         self.journal = Journal(self.home / "journal.db", durability)

@@ -29,7 +29,7 @@ from client.predictions import StoredCorrection
 from fedsync.manifest import Artifact
 from fedsync.v1 import sync_pb2 as pb
 from fedsync.v1.sync_pb2_grpc import SyncStub
-from fedsync.wire import DEVICE_METADATA_KEY, channel_options
+from fedsync.wire import call_metadata, open_channel
 
 if TYPE_CHECKING:
     from client.edge import EdgeClient
@@ -70,7 +70,7 @@ def sync_with_retries(client: EdgeClient, address: str, *, timeout_s: float, att
 
 
 def sync_once(client: EdgeClient, address: str, *, timeout_s: float = 30.0) -> SyncReport:
-    with grpc.insecure_channel(address, options=channel_options()) as channel:
+    with open_channel(address, client.tls) as channel:
         session = _Session(client, SyncStub(channel), timeout_s)
         return session.run()
 
@@ -80,7 +80,7 @@ class _Session:
         self.client = client
         self.stub = stub
         self.timeout_s = timeout_s
-        self.metadata = ((DEVICE_METADATA_KEY, client.device_id),)
+        self.metadata = call_metadata(client.device_id, client.credential)
         self.report = SyncReport()
 
     def run(self) -> SyncReport:

@@ -5,11 +5,15 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent import futures
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from coordinator.aggregator import Aggregator, PublishedVersion
+from coordinator.auth import CredentialInterceptor, CredentialStore
 from coordinator.metrics import PrometheusMetrics
 from coordinator.publisher import EvaluationData, ModelPublisher
 from coordinator.service import SyncService
@@ -21,6 +25,24 @@ from fedsync.v1.sync_pb2_grpc import add_SyncServicer_to_server
 from fedsync.wire import channel_options
 
 log = logging.getLogger(__name__)
+SYNC_SERVICE = "fedsync.v1.Sync"
+
+
+@dataclass(frozen=True)
+class ServerTLS:
+    """PEM files for TLS (see `fedsync certs`); with client_ca, clients must present a certificate
+    signed by it (mutual TLS)."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials(
+            [(self.key.read_bytes(), self.cert.read_bytes())],
+            root_certificates=self.client_ca.read_bytes() if self.client_ca else None,
+            require_client_auth=self.client_ca is not None,
+        )
 
 
 class AddressInUseError(OSError):
@@ -51,6 +73,8 @@ class Coordinator:
         max_workers: int = 16,
         metrics: bool = False,
         keep_versions: int = 5,
+        require_credentials: bool = False,
+        tls: ServerTLS | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -78,9 +102,23 @@ class Coordinator:
         self.service = SyncService(
             self.store, self.aggregator, self.data_dir / "models", on_delta=self._wake.set, metrics=self.metrics
         )
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=channel_options())
+        self.credentials = CredentialStore(self.store.conn, self.store.lock)
+        self.tls = tls
+        interceptors = [CredentialInterceptor(self.credentials)] if require_credentials else []
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=max_workers), options=channel_options(), interceptors=interceptors
+        )
         add_SyncServicer_to_server(self.service, self.server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        for service in ("", SYNC_SERVICE):
+            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        reflection.enable_server_reflection((SYNC_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self.port = 0
+
+    def enroll(self, device_id: str) -> str:
+        """Issue a credential for a device; only its sha256 is stored. Returns the token to give it."""
+        return self.credentials.enroll(device_id)
 
     @property
     def version(self) -> int:
@@ -88,7 +126,10 @@ class Coordinator:
 
     def start(self, address: str = "127.0.0.1:0") -> int:
         try:
-            self.port = self.server.add_insecure_port(address)
+            if self.tls is None:
+                self.port = self.server.add_insecure_port(address)
+            else:
+                self.port = self.server.add_secure_port(address, self.tls.server_credentials())
         except RuntimeError as exc:
             raise AddressInUseError(f"cannot listen on {address}: {exc}") from None
         if self.port == 0:
@@ -127,6 +168,7 @@ class Coordinator:
         return self.metrics.serve(port, address)
 
     def stop(self, grace_s: float = 1.0) -> None:
+        self.health.enter_graceful_shutdown()
         if self.metrics is not None:
             self.metrics.stop()
         self._stopping.set()

@@ -157,6 +157,7 @@ class CoordinatorStore:
         self.num_labels = num_labels
         self.policy = policy or highest_confidence()
         self._lock = threading.RLock()
+        self.lock = self._lock  # shared with the credential store, which uses the same connection
         self.conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=False)
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=FULL")

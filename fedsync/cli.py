@@ -41,12 +41,33 @@ def _serve(args: argparse.Namespace) -> int:
     from coordinator import Coordinator
 
     strategy = Strategy.fedbuff(buffer_size=args.buffer_size, max_staleness=args.max_staleness)
+    from coordinator.server import ServerTLS
+
+    tls = None
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            raise CommandError("--tls-cert and --tls-key go together")
+        for path in (args.tls_cert, args.tls_key, args.client_ca):
+            if path and not Path(path).is_file():
+                raise CommandError(f"no such file: {path}")
+        tls = ServerTLS(Path(args.tls_cert), Path(args.tls_key), Path(args.client_ca) if args.client_ca else None)
+    elif args.client_ca:
+        raise CommandError("--client-ca (mutual TLS) needs --tls-cert and --tls-key")
     coordinator = Coordinator(
-        args.data_dir, strategy=strategy, metrics=args.metrics_port is not None, keep_versions=args.keep_versions
+        args.data_dir,
+        strategy=strategy,
+        metrics=args.metrics_port is not None,
+        keep_versions=args.keep_versions,
+        require_credentials=not args.no_credentials,
+        tls=tls,
     )
     port = coordinator.start(args.address)
     host = args.address.rsplit(":", 1)[0]
-    print(f"fedsync coordinator listening on {host}:{port} (data in {args.data_dir}, version {coordinator.version})")
+    print(
+        f"fedsync coordinator listening on {host}:{port} ({'TLS' if tls else 'plaintext'}, "
+        f"{'credentials required' if not args.no_credentials else 'NO credentials'}; "
+        f"data in {args.data_dir}, version {coordinator.version})"
+    )
     if args.metrics_port is not None:
         metrics_port = coordinator.serve_metrics(args.metrics_port, host)
         print(f"Prometheus metrics at http://{host}:{metrics_port}/metrics")
@@ -59,6 +80,38 @@ def _serve(args: argparse.Namespace) -> int:
         pass
     finally:
         coordinator.stop()
+    return 0
+
+
+def _enroll(args: argparse.Namespace) -> int:
+    from coordinator.auth import CredentialStore
+    from coordinator.store import CoordinatorStore
+    from fedsync.model import LABELS
+
+    if not (Path(args.data_dir) / "coordinator.db").exists():
+        raise CommandError(f"{args.data_dir} holds no coordinator (no coordinator.db): start one there first")
+    store = CoordinatorStore(Path(args.data_dir) / "coordinator.db", num_labels=len(LABELS))
+    try:
+        token = CredentialStore(store.conn, store.lock).enroll(args.device_id)
+    finally:
+        store.close()
+    print(token)
+    return 0
+
+
+def _certs(args: argparse.Namespace) -> int:
+    from fedsync.certs import generate_all, generate_client_certificate
+
+    out = Path(args.out)
+    if args.client:
+        ca_cert, ca_key = out / "ca.pem", out / "ca.key"
+        if not (ca_cert.exists() and ca_key.exists()):
+            raise CommandError(f"{out} has no ca.pem and ca.key: run `fedsync certs --out {out}` first")
+        cert, key = generate_client_certificate(out, ca_cert, ca_key, args.client)
+        print(json.dumps({"client_cert": str(cert), "client_key": str(key)}))
+        return 0
+    files = generate_all(out, hostnames=args.hostname or ("localhost", "127.0.0.1"), overwrite=args.overwrite)
+    print(json.dumps({k: str(v) for k, v in files.__dict__.items()}))
     return 0
 
 
@@ -139,8 +192,22 @@ def _simulate(args: argparse.Namespace) -> int:
 
 def _client_sync(args: argparse.Namespace) -> int:
     from client import EdgeClient
+    from fedsync.wire import ClientTLS
 
-    client = EdgeClient(args.home, args.device_id, fine_tuning=None if args.no_fine_tuning else args.fine_tuning)
+    tls = None
+    if args.tls_ca:
+        tls = ClientTLS(
+            Path(args.tls_ca),
+            Path(args.tls_cert) if args.tls_cert else None,
+            Path(args.tls_key) if args.tls_key else None,
+        )
+    client = EdgeClient(
+        args.home,
+        args.device_id,
+        fine_tuning=None if args.no_fine_tuning else args.fine_tuning,
+        credential=args.credential or os.environ.get("FEDSYNC_CREDENTIAL"),
+        tls=tls,
+    )
     try:
         report = client.sync(args.address, timeout_s=args.timeout)
     finally:
@@ -239,7 +306,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-staleness", type=int, default=8, help="reject deltas older than this many versions")
     serve.add_argument("--keep-versions", type=int, default=5, help="published versions to keep (plus those in use)")
     serve.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    serve.add_argument("--no-credentials", action="store_true", help="accept calls without device credentials")
+    serve.add_argument("--tls-cert", help="server certificate (PEM), see `fedsync certs`")
+    serve.add_argument("--tls-key", help="server private key (PEM)")
+    serve.add_argument("--client-ca", help="require client certificates signed by this CA (mutual TLS)")
     serve.set_defaults(run=_serve)
+    enroll = coordinator.add_parser("enroll", help="issue a device credential (prints the token once)")
+    enroll.add_argument("--data-dir", default=".fedsync/coordinator")
+    enroll.add_argument("--device-id", required=True)
+    enroll.set_defaults(run=_enroll)
+
+    certs = commands.add_parser("certs", help="generate a local CA and server (or client) certificates")
+    certs.add_argument("--out", default=".fedsync/certs")
+    certs.add_argument("--hostname", action="append", help="server name or IP (repeatable)")
+    certs.add_argument("--client", metavar="DEVICE_ID", help="issue a client certificate for mutual TLS instead")
+    certs.add_argument("--overwrite", action="store_true")
+    certs.set_defaults(run=_certs)
 
     sim = commands.add_parser("simulate", help="simulate a fleet of intermittent devices against a real coordinator")
     sim.add_argument("--devices", type=int, default=20)
@@ -267,6 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
     csync.add_argument("--timeout", type=float, default=30.0)
     csync.add_argument("--no-fine-tuning", action="store_true", help="download only what inference needs")
     csync.add_argument("--fine-tuning", default="keras", choices=["keras", "head"], help="fine-tuning profile")
+    csync.add_argument("--credential", help="the device's token (or set FEDSYNC_CREDENTIAL)")
+    csync.add_argument("--tls-ca", help="CA certificate to trust the coordinator with (enables TLS)")
+    csync.add_argument("--tls-cert", help="client certificate for mutual TLS")
+    csync.add_argument("--tls-key", help="client key for mutual TLS")
     csync.set_defaults(run=_client_sync)
     cstatus = client.add_parser("status", help="journal, pending work, installed versions and storage")
     cstatus.add_argument("--home", required=True)

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
 
 DEVICE_METADATA_KEY = "x-fedsync-device"
+AUTHORIZATION_METADATA_KEY = "authorization"
 DEVICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 # Larger than any single message we send (event batches and 1 MiB chunks), with headroom.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -20,3 +25,31 @@ def channel_options() -> list[tuple[str, int]]:
 
 def valid_device_id(device_id: str) -> bool:
     return bool(DEVICE_ID_PATTERN.match(device_id))
+
+
+@dataclass(frozen=True)
+class ClientTLS:
+    """PEM files a client trusts the coordinator with; cert and key for mutual TLS."""
+
+    ca: Path
+    cert: Path | None = None
+    key: Path | None = None
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca.read_bytes(),
+            private_key=self.key.read_bytes() if self.key else None,
+            certificate_chain=self.cert.read_bytes() if self.cert else None,
+        )
+
+
+def open_channel(address: str, tls: ClientTLS | None = None) -> grpc.Channel:
+    if tls is None:
+        return grpc.insecure_channel(address, options=channel_options())
+    return grpc.secure_channel(address, tls.channel_credentials(), options=channel_options())
+
+
+def call_metadata(device_id: str, credential: str | None) -> tuple[tuple[str, str], ...]:
+    if credential is None:
+        return ((DEVICE_METADATA_KEY, device_id),)
+    return ((DEVICE_METADATA_KEY, device_id), (AUTHORIZATION_METADATA_KEY, f"Bearer {credential}"))
