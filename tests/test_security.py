@@ -3,7 +3,7 @@ reflection served: against a real coordinator on loopback."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -39,7 +39,7 @@ def hello(coordinator: Coordinator, metadata: tuple[tuple[str, str], ...]) -> pb
         return SyncStub(channel).Hello(pb.HelloRequest(), metadata=metadata, timeout=10)
 
 
-def status_of(call) -> grpc.StatusCode:  # noqa: ANN001
+def status_of(call: Callable[[], object]) -> grpc.StatusCode:
     with pytest.raises(grpc.RpcError) as info:
         call()
     return info.value.code()
