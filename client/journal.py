@@ -185,6 +185,19 @@ class Journal:
             yield [JournalEvent(*row) for row in rows]
             cursor = rows[-1][0]
 
+    def iter_event_columns(self, after_seq: int, batch_size: int) -> Iterator[list[tuple]]:
+        """Like iter_event_batches, as column tuples (seq, hash, label, confidence, version, latency, time)."""
+        cursor = after_seq
+        while True:
+            rows = self.conn.execute(
+                f"SELECT {_EVENT_COLUMNS} FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+                (cursor, batch_size),
+            ).fetchall()
+            if not rows:
+                return
+            yield list(zip(*rows, strict=True))
+            cursor = rows[-1][0]
+
     def event(self, seq: int) -> JournalEvent | None:
         row = self.conn.execute(f"SELECT {_EVENT_COLUMNS} FROM events WHERE seq = ?", (seq,)).fetchone()
         return None if row is None else JournalEvent(*row)

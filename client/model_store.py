@@ -106,9 +106,10 @@ class ModelStore:
             manifest = Manifest.from_json(manifest_json)
         except ManifestError as exc:
             raise InstallError(str(exc)) from None
-        wanted = [a for a in manifest.artifacts if a.kind in set(kinds)]
+        wanted_kinds = set(kinds)
+        wanted = [a for a in manifest.artifacts if a.kind in wanted_kinds]
         if not wanted:
-            raise InstallError(f"version {manifest.version} has none of the artifact kinds {sorted(kinds)}")
+            raise InstallError(f"version {manifest.version} has none of the artifact kinds {sorted(wanted_kinds)}")
         final = self.version_dir(manifest.version)
         if not final.exists():
             staging = self.root / f".staging-v{manifest.version}"
@@ -165,8 +166,12 @@ class ModelStore:
             if version not in keep_set:
                 shutil.rmtree(self.version_dir(version), ignore_errors=True)
                 removed.append(version)
+        current = self.current_version()
         for child in self.root.glob(".staging-v*"):
-            if child.name[len(".staging-v") :].isdigit() and int(child.name[len(".staging-v") :]) in keep_set:
+            suffix = child.name[len(".staging-v") :]
+            # Leftovers of installed versions, and partial downloads of versions older than the current
+            # one (sync only installs newer versions, so those will never be resumed).
+            if suffix.isdigit() and (int(suffix) in keep_set or int(suffix) <= current):
                 shutil.rmtree(child, ignore_errors=True)
         return removed
 

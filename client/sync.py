@@ -23,7 +23,6 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from client.journal import JournalEvent
 from client.model_store import InstallError
 from client.predictions import StoredCorrection
 from fedsync.manifest import Artifact
@@ -34,7 +33,7 @@ from fedsync.wire import call_metadata, open_channel
 if TYPE_CHECKING:
     from client.edge import EdgeClient
 
-EVENT_BATCH_SIZE = 2048
+EVENT_BATCH_SIZE = 8192
 EVENT_WINDOW = 8  # batches in flight before waiting for acks: bounds memory and resend cost
 DELTA_CHUNK_BYTES = 1 << 20
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED})
@@ -112,13 +111,22 @@ class _Session:
 
         def batches() -> Iterator[pb.EventBatch]:
             try:
-                for events in journal.iter_event_batches(high_water, EVENT_BATCH_SIZE):
+                for columns in journal.iter_event_columns(high_water, EVENT_BATCH_SIZE):
                     while not window.acquire(timeout=0.1):
                         if stop.is_set():
                             return
                     if stop.is_set():
                         return
-                    message = pb.EventBatch(events=[_event_message(e) for e in events])
+                    seqs, hashes, labels, confidences, versions, latencies, times = columns
+                    message = pb.EventBatch(
+                        seq=seqs,
+                        input_hashes=b"".join(hashes),
+                        labels=labels,
+                        confidences=confidences,
+                        model_versions=versions,
+                        latencies_us=[latency or 0.0 for latency in latencies],
+                        times_unix_ns=times,
+                    )
                     self.report.bytes_up += message.ByteSize()
                     yield message
             except BaseException as exc:  # surfaced to the caller below
@@ -241,15 +249,3 @@ class _Session:
                 f.write(chunk.data)
                 self.report.bytes_down += len(chunk.data)
             f.flush()
-
-
-def _event_message(event: JournalEvent) -> pb.InferenceEvent:
-    return pb.InferenceEvent(
-        seq=event.seq,
-        input_hash=event.input_hash,
-        label=event.label,
-        confidence=event.confidence,
-        model_version=event.model_version,
-        latency_us=event.latency_us or 0.0,
-        time_unix_ns=event.time_ns,
-    )

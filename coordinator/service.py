@@ -12,13 +12,13 @@ import grpc
 
 from coordinator.aggregator import Aggregator, encoded_delta
 from coordinator.metrics import CoordinatorMetrics, NullMetrics
-from coordinator.store import CoordinatorStore, EventRow, StoreError
+from coordinator.store import CoordinatorStore, EventColumns, StoreError
 from fedsync.aggregation import DeltaRejected, validate_delta
 from fedsync.codecs import CodecError, get_codec
 from fedsync.manifest import Manifest
 from fedsync.v1 import sync_pb2 as pb
 from fedsync.v1.sync_pb2_grpc import SyncServicer
-from fedsync.wire import DEVICE_METADATA_KEY, valid_device_id
+from fedsync.wire import DEVICE_METADATA_KEY, INPUT_HASH_BYTES, valid_device_id
 
 log = logging.getLogger(__name__)
 
@@ -70,15 +70,30 @@ class SyncService(SyncServicer):
     ) -> Iterator[pb.EventAck]:
         device = device_of(context)
         for batch in request_iterator:
-            if len(batch.events) > MAX_EVENTS_PER_BATCH:
+            n = len(batch.seq)
+            if n > MAX_EVENTS_PER_BATCH:
                 context.abort(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"batch of {len(batch.events)} events exceeds the limit of {MAX_EVENTS_PER_BATCH}",
+                    f"batch of {n} events exceeds the limit of {MAX_EVENTS_PER_BATCH}",
                 )
-            rows = [
-                EventRow(e.seq, e.input_hash, e.label, e.confidence, e.model_version, e.latency_us, e.time_unix_ns)
-                for e in batch.events
-            ]
+            hashes = batch.input_hashes
+            if len(hashes) != INPUT_HASH_BYTES * n:
+                context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"input_hashes must hold {INPUT_HASH_BYTES} bytes for each of the {n} events, got {len(hashes)}",
+                )
+            columns = [batch.labels, batch.confidences, batch.model_versions, batch.latencies_us, batch.times_unix_ns]
+            if any(len(column) != n for column in columns):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "event batch columns must all have one entry an event")
+            rows = EventColumns(
+                list(batch.seq),
+                [hashes[i : i + INPUT_HASH_BYTES] for i in range(0, len(hashes), INPUT_HASH_BYTES)],
+                list(batch.labels),
+                list(batch.confidences),
+                list(batch.model_versions),
+                list(batch.latencies_us),
+                list(batch.times_unix_ns),
+            )
             try:
                 result = self.store.add_events(device, rows)
             except StoreError as exc:

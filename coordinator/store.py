@@ -7,7 +7,9 @@ synchronous=FULL before the acknowledgement is sent.
 
 from __future__ import annotations
 
+import bisect
 import functools
+import itertools
 import sqlite3
 import threading
 import time
@@ -16,7 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
-from fedsync.conflicts import ConflictPolicy, Observation, highest_confidence
+import numpy as np
+
+from coordinator.conflict_index import ConflictIndex, Resolution
+from fedsync.conflicts import ConflictPolicy, highest_confidence
 from fedsync.wire import INPUT_HASH_BYTES
 
 SCHEMA = """
@@ -39,7 +44,6 @@ CREATE TABLE IF NOT EXISTS events (
     time_ns INTEGER NOT NULL,
     PRIMARY KEY (device_id, seq)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS events_by_input ON events (input_hash);
 CREATE TABLE IF NOT EXISTS deltas (
     device_id TEXT NOT NULL,
     seq INTEGER NOT NULL,
@@ -108,6 +112,57 @@ class EventRow:
 
 
 @dataclass(frozen=True, slots=True)
+class EventColumns:
+    """A batch of events as parallel columns (the wire's EventBatch)."""
+
+    seqs: list[int]
+    hashes: list[bytes]
+    labels: list[int]
+    confidences: list[float]
+    versions: list[int]
+    latencies: list[float]
+    times: list[int]
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[EventRow]) -> EventColumns:
+        if not all(len(row.input_hash) == INPUT_HASH_BYTES for row in rows):
+            raise StoreError("invalid", f"every input hash must be {INPUT_HASH_BYTES} bytes")
+        columns = list(zip(*rows, strict=True)) if rows else [()] * 7
+        return cls(*(list(c) for c in columns))
+
+    def slice(self, start: int) -> tuple[list, ...]:
+        return (
+            self.seqs[start:],
+            self.hashes[start:],
+            self.labels[start:],
+            self.confidences[start:],
+            self.versions[start:],
+            self.latencies[start:],
+            self.times[start:],
+        )
+
+    def validate(self, num_labels: int) -> None:
+        n = len(self.seqs)
+        if any(len(c) != n for c in (self.hashes, self.labels, self.confidences, self.versions)):
+            raise StoreError("invalid", "event batch columns have different lengths")
+        if n == 0:
+            return
+        seqs = np.asarray(self.seqs, dtype=np.uint64)
+        if seqs[0] == 0 or (n > 1 and not bool(np.all(seqs[1:] > seqs[:-1]))):
+            raise StoreError("invalid", "event seqs must be positive and strictly increasing")
+        labels = np.asarray(self.labels, dtype=np.int64)
+        bad = np.flatnonzero((labels < 0) | (labels >= num_labels))
+        if len(bad):
+            raise StoreError(
+                "invalid", f"event {self.seqs[bad[0]]}: label {labels[bad[0]]} outside 0..{num_labels - 1}"
+            )
+        confidences = np.asarray(self.confidences, dtype=np.float64)
+        bad = np.flatnonzero(~((confidences >= 0.0) & (confidences <= 1.0)))  # NaN fails both
+        if len(bad):
+            raise StoreError("invalid", f"event {self.seqs[bad[0]]}: confidence {confidences[bad[0]]} outside [0, 1]")
+
+
+@dataclass(frozen=True, slots=True)
 class BatchResult:
     high_water: int
     accepted: int
@@ -162,6 +217,8 @@ class CoordinatorStore:
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=FULL")
         self.conn.executescript(SCHEMA)
+        self.conflicts = ConflictIndex(self.policy)
+        self._reload_conflicts()
 
     @_locked
     def close(self) -> None:
@@ -206,33 +263,28 @@ class CoordinatorStore:
     # -- events ---------------------------------------------------------------------------
 
     @_locked
-    def add_events(self, device_id: str, events: Sequence[EventRow]) -> BatchResult:
+    def add_events(self, device_id: str, events: EventColumns | Sequence[EventRow]) -> BatchResult:
         """Commit a batch exactly once: retransmitted seqs are checked and skipped, new ones stored,
         and conflicts on their inputs re-resolved, all in one transaction."""
-        self._validate_events(events)
+        columns = events if isinstance(events, EventColumns) else EventColumns.from_rows(events)
+        columns.validate(self.num_labels)
         self._begin()
         try:
-            result = self._add_events_locked(device_id, events)
+            result = self._add_events_locked(device_id, columns)
             self.conn.execute("COMMIT")
         except BaseException:
             self.conn.execute("ROLLBACK")
+            self._reload_conflicts()  # the index may hold this batch's observations
             raise
         return result
 
-    def _validate_events(self, events: Sequence[EventRow]) -> None:
-        previous = 0
-        for e in events:
-            if e.seq <= previous:
-                raise StoreError("invalid", f"event seqs must be positive and strictly increasing (seq {e.seq})")
-            previous = e.seq
-            if len(e.input_hash) != INPUT_HASH_BYTES:
-                raise StoreError("invalid", f"event {e.seq}: input_hash must be {INPUT_HASH_BYTES} bytes")
-            if not 0 <= e.label < self.num_labels:
-                raise StoreError("invalid", f"event {e.seq}: label {e.label} outside 0..{self.num_labels - 1}")
-            if not 0.0 <= e.confidence <= 1.0:  # also false for NaN
-                raise StoreError("invalid", f"event {e.seq}: confidence {e.confidence} outside [0, 1]")
+    def _reload_conflicts(self) -> None:
+        self.conflicts.clear()
+        self.conflicts.load(
+            self.conn.execute("SELECT input_hash, device_id, label, confidence, model_version, time_ns FROM events")
+        )
 
-    def _add_events_locked(self, device_id: str, events: Sequence[EventRow]) -> BatchResult:
+    def _add_events_locked(self, device_id: str, columns: EventColumns) -> tuple[BatchResult, tuple[list, ...] | None]:
         now = time.time_ns()
         self.conn.execute(
             "INSERT INTO devices (device_id, first_seen_ns, last_seen_ns) VALUES (?, ?, ?) "
@@ -242,99 +294,62 @@ class CoordinatorStore:
         (high_water,) = self.conn.execute(
             "SELECT events_high_water FROM devices WHERE device_id = ?", (device_id,)
         ).fetchone()
-        replayed = [e for e in events if e.seq <= high_water]
-        fresh = [e for e in events if e.seq > high_water]
-        if replayed:
-            self._check_replay(device_id, replayed)
-        if fresh and fresh[0].seq != high_water + 1:
-            raise StoreError("precondition", f"sequence gap: expected event {high_water + 1}, got {fresh[0].seq}")
-        for expected, e in enumerate(fresh, start=high_water + 1):
-            if e.seq != expected:
-                raise StoreError("precondition", f"sequence gap: expected event {expected}, got {e.seq}")
-        if fresh:
-            self.conn.executemany(
-                "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        device_id,
-                        e.seq,
-                        e.input_hash,
-                        e.label,
-                        e.confidence,
-                        e.model_version,
-                        e.latency_us,
-                        e.time_ns,
-                    )
-                    for e in fresh
-                ],
+        seqs = columns.seqs
+        n_replayed = bisect.bisect_right(seqs, high_water)
+        if n_replayed:
+            self._check_replay(device_id, columns, n_replayed)
+        n_fresh = len(seqs) - n_replayed
+        if n_fresh == 0:
+            return BatchResult(high_water, 0, n_replayed, 0)
+        first, last = seqs[n_replayed], seqs[-1]
+        if first != high_water + 1 or last - first + 1 != n_fresh:  # seqs are strictly increasing
+            expected = (
+                high_water + 1
+                if first != high_water + 1
+                else first + next(i for i in range(n_fresh) if seqs[n_replayed + i] != first + i)
             )
-            high_water = fresh[-1].seq
-            self.conn.execute("UPDATE devices SET events_high_water = ? WHERE device_id = ?", (high_water, device_id))
-        touched = self._resolve_conflicts({e.input_hash for e in fresh})
-        return BatchResult(high_water, len(fresh), len(replayed), touched)
+            raise StoreError("precondition", f"sequence gap: expected event {expected}")
+        fresh = columns.slice(n_replayed)
+        self.conn.executemany(
+            "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            zip(itertools.repeat(device_id), *fresh, strict=False),
+        )
+        self.conn.execute("UPDATE devices SET events_high_water = ? WHERE device_id = ?", (last, device_id))
+        _, hashes, labels, confidences, versions, _, times = fresh
+        resolutions = self.conflicts.ingest(device_id, hashes, labels, confidences, versions, times)
+        self._store_resolutions(resolutions, now)
+        return BatchResult(last, n_fresh, n_replayed, len(resolutions))
 
-    def _check_replay(self, device_id: str, replayed: Sequence[EventRow]) -> None:
+    def _check_replay(self, device_id: str, columns: EventColumns, count: int) -> None:
         stored = {
             row[0]: row[1:]
             for row in self.conn.execute(
                 "SELECT seq, input_hash, label, confidence, model_version FROM events "
                 "WHERE device_id = ? AND seq BETWEEN ? AND ?",
-                (device_id, replayed[0].seq, replayed[-1].seq),
+                (device_id, columns.seqs[0], columns.seqs[count - 1]),
             )
         }
-        for e in replayed:
-            if stored.get(e.seq) != (e.input_hash, e.label, e.confidence, e.model_version):
+        for i in range(count):
+            sent = (columns.hashes[i], columns.labels[i], columns.confidences[i], columns.versions[i])
+            if stored.get(columns.seqs[i]) != sent:
                 raise StoreError(
                     "precondition",
-                    f"event {e.seq} was already stored with different content: refusing the replay",
+                    f"event {columns.seqs[i]} was already stored with different content: refusing the replay",
                 )
 
-    def _resolve_conflicts(self, input_hashes: set[bytes]) -> int:
-        """Re-resolve every touched input that devices labelled differently; queue corrections."""
-        if not input_hashes:
-            return 0
-        hashes = list(input_hashes)
-        disputed: list[bytes] = []
-        for start in range(0, len(hashes), 500):
-            part = hashes[start : start + 500]
-            marks = ",".join("?" * len(part))
-            disputed += [
-                row[0]
-                for row in self.conn.execute(
-                    f"SELECT input_hash FROM events WHERE input_hash IN ({marks}) "
-                    "GROUP BY input_hash HAVING COUNT(DISTINCT label) > 1",
-                    part,
-                )
-            ]
-        now = time.time_ns()
-        for input_hash in disputed:
-            observations = [
-                Observation(input_hash, device, label, confidence, version, time_ns)
-                for device, label, confidence, version, time_ns in self.conn.execute(
-                    "SELECT device_id, label, confidence, model_version, time_ns FROM events WHERE input_hash = ?",
-                    (input_hash,),
-                )
-            ]
-            winner = self.policy.winner(observations)
-            assert winner is not None
+    def _store_resolutions(self, resolutions: Sequence[Resolution], now: int) -> None:
+        """Persist winners and queue one correction per disagreeing device (at most once per label)."""
+        for r in resolutions:
+            w = r.winner
             self.conn.execute(
                 "INSERT OR REPLACE INTO resolutions VALUES (?, ?, ?, ?, ?, ?)",
-                (
-                    input_hash,
-                    winner.label,
-                    winner.confidence,
-                    winner.model_version,
-                    winner.device_id,
-                    len(observations),
-                ),
+                (r.input_hash, w.label, w.confidence, w.model_version, w.device_id, r.observations),
             )
-            losers = sorted({o.device_id for o in observations if o.label != winner.label})
             self.conn.executemany(
                 "INSERT OR IGNORE INTO corrections "
                 "(device_id, input_hash, label, confidence, model_version, created_ns) VALUES (?, ?, ?, ?, ?, ?)",
-                [(d, input_hash, winner.label, winner.confidence, winner.model_version, now) for d in losers],
+                [(d, r.input_hash, w.label, w.confidence, w.model_version, now) for d in r.losing_devices],
             )
-        return len(disputed)
 
     @_locked
     def corrections_after(self, device_id: str, cursor: int, limit: int) -> list[CorrectionRow]:

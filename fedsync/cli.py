@@ -6,7 +6,9 @@ import argparse
 import json
 import os
 import signal
+import socket
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -17,15 +19,37 @@ class CommandError(Exception):
 
 def _writable_file(path: str) -> Path:
     target = Path(path)
-    parent = target.parent if str(target.parent) else Path(".")
-    existing = parent
-    while not existing.exists():
-        existing = existing.parent
     if target.is_dir():
         raise CommandError(f"report path {path} is a directory")
-    if not os.access(existing, os.W_OK):
-        raise CommandError(f"report path {path} is not writable")
+    existing = target.parent
+    while not existing.exists():
+        existing = existing.parent
+    try:
+        # os.access is no test: it says yes to root everywhere, and to a regular file "parent".
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise CommandError(f"report path {path} is not writable: {exc.strerror or exc}") from None
     return target
+
+
+def _check_address(address: str) -> None:
+    """Fail before any work (and before gRPC logs its own error) when the address cannot be bound."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise CommandError(f"--address must be host:port, got {address!r}")
+    host = host.strip("[]") or "0.0.0.0"
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise CommandError(f"cannot listen on {address}: {exc}") from None
+    family, _, _, _, sockaddr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(sockaddr)
+        except OSError as exc:
+            raise CommandError(f"cannot listen on {address}: {exc.strerror or exc}") from None
 
 
 # -- coordinator ------------------------------------------------------------------------------
@@ -38,6 +62,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise CommandError(f"--buffer-size must be at least 1, got {args.buffer_size}")
     if args.keep_versions < 1:
         raise CommandError(f"--keep-versions must be at least 1, got {args.keep_versions}")
+    _check_address(args.address)
     from coordinator import Coordinator
 
     strategy = Strategy.fedbuff(buffer_size=args.buffer_size, max_staleness=args.max_staleness)

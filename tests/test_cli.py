@@ -117,26 +117,8 @@ _SIMULATE_ERRORS = [
     pytest.param(lambda _: ["--partition", "nope"], "--partition", id="partition-nope"),
     pytest.param(lambda _: ["--codec", "nope"], "--codec", id="codec-nope"),
     pytest.param(_report_is_a_dir, "directory", id="report-is-a-directory"),
-    pytest.param(
-        _proc_report,
-        "/proc/forbidden/x.json",
-        id="report-unwritable-proc",
-        marks=pytest.mark.xfail(
-            _ROOT,
-            reason="_writable_file trusts os.access on the nearest existing ancestor, which is always true for "
-            "root: the whole simulation runs and the report write fails at the end",
-            strict=True,
-        ),
-    ),
-    pytest.param(
-        _report_below_a_file,
-        "x.json",
-        id="report-below-a-regular-file",
-        marks=pytest.mark.xfail(
-            reason="_writable_file accepts a path whose nearest existing 'folder' is a writable regular file",
-            strict=True,
-        ),
-    ),
+    pytest.param(_proc_report, "/proc/forbidden/x.json", id="report-unwritable-proc"),
+    pytest.param(_report_below_a_file, "x.json", id="report-below-a-regular-file"),
 ]
 
 
@@ -237,11 +219,6 @@ def test_coordinator_serve_on_taken_port_fails_with_exit_2(serve_on_taken_port) 
     assert "listening" not in proc.stdout
 
 
-@pytest.mark.xfail(
-    reason="gRPC core logs its own 'E... add_port.cc] Failed to add port to server' line on stderr before the "
-    "CLI's line: the port is first tried by grpc, after the coordinator has built and published v1",
-    strict=True,
-)
 def test_coordinator_serve_on_taken_port_prints_only_one_line(serve_on_taken_port) -> None:
     proc, _, _ = serve_on_taken_port
     assert_one_error_line(proc)

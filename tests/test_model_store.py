@@ -162,11 +162,6 @@ def test_install_fetches_only_the_wanted_kinds(store: ModelStore, src: Path) -> 
     assert store.manifest().artifact(TFLITE_FLOAT32) is not None  # type: ignore[union-attr]
 
 
-@pytest.mark.xfail(
-    reason="ModelStore.install evaluates set(kinds) once per artifact, so a one-shot iterable (a generator) "
-    "matches only the first artifact",
-    strict=True,
-)
 def test_install_accepts_any_iterable_of_kinds(store: ModelStore, src: Path) -> None:
     pub = publish(src, 1, kinds=(TFLITE_FLOAT32, KERAS))
     fetch = FakeFetch(pub.blobs)
@@ -451,11 +446,6 @@ def test_prune_removes_leftover_staging_of_installed_version(store: ModelStore, 
     assert store.installed_versions() == [1]
 
 
-@pytest.mark.xfail(
-    reason="prune only removes staging folders of kept versions: a partial download of a version that was "
-    "skipped (a newer one got installed) stays on disk forever",
-    strict=True,
-)
 def test_staging_of_a_skipped_older_version_is_pruned(store: ModelStore, src: Path) -> None:
     install(store, publish(src, 1))
     skipped = store.root / ".staging-v2"  # v2's download was interrupted, then the coordinator moved to v3

@@ -77,7 +77,15 @@ def test_a_device_cannot_act_as_another(secured: Coordinator) -> None:
 
     def push_as_bob() -> None:
         with grpc.insecure_channel(secured.address) as channel:
-            batch = pb.EventBatch(events=[pb.InferenceEvent(seq=1, input_hash=b"x" * 32, label=1, confidence=0.5)])
+            batch = pb.EventBatch(
+                seq=[1],
+                input_hashes=b"x" * 32,
+                labels=[1],
+                confidences=[0.5],
+                model_versions=[1],
+                latencies_us=[1.0],
+                times_unix_ns=[1],
+            )
             list(SyncStub(channel).PushEvents(iter([batch]), metadata=as_bob, timeout=10))
 
     assert status_of(push_as_bob) == grpc.StatusCode.PERMISSION_DENIED

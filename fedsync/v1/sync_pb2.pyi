@@ -25,29 +25,23 @@ class HelloResponse(_message.Message):
     current_model_version: int
     def __init__(self, events_high_water: _Optional[int] = ..., deltas_high_water: _Optional[int] = ..., current_model_version: _Optional[int] = ...) -> None: ...
 
-class InferenceEvent(_message.Message):
-    __slots__ = ("seq", "input_hash", "label", "confidence", "model_version", "latency_us", "time_unix_ns")
-    SEQ_FIELD_NUMBER: _ClassVar[int]
-    INPUT_HASH_FIELD_NUMBER: _ClassVar[int]
-    LABEL_FIELD_NUMBER: _ClassVar[int]
-    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
-    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
-    LATENCY_US_FIELD_NUMBER: _ClassVar[int]
-    TIME_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
-    seq: int
-    input_hash: bytes
-    label: int
-    confidence: float
-    model_version: int
-    latency_us: float
-    time_unix_ns: int
-    def __init__(self, seq: _Optional[int] = ..., input_hash: _Optional[bytes] = ..., label: _Optional[int] = ..., confidence: _Optional[float] = ..., model_version: _Optional[int] = ..., latency_us: _Optional[float] = ..., time_unix_ns: _Optional[int] = ...) -> None: ...
-
 class EventBatch(_message.Message):
-    __slots__ = ("events",)
-    EVENTS_FIELD_NUMBER: _ClassVar[int]
-    events: _containers.RepeatedCompositeFieldContainer[InferenceEvent]
-    def __init__(self, events: _Optional[_Iterable[_Union[InferenceEvent, _Mapping]]] = ...) -> None: ...
+    __slots__ = ("seq", "input_hashes", "labels", "confidences", "model_versions", "latencies_us", "times_unix_ns")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    INPUT_HASHES_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    LATENCIES_US_FIELD_NUMBER: _ClassVar[int]
+    TIMES_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    seq: _containers.RepeatedScalarFieldContainer[int]
+    input_hashes: bytes
+    labels: _containers.RepeatedScalarFieldContainer[int]
+    confidences: _containers.RepeatedScalarFieldContainer[float]
+    model_versions: _containers.RepeatedScalarFieldContainer[int]
+    latencies_us: _containers.RepeatedScalarFieldContainer[float]
+    times_unix_ns: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, seq: _Optional[_Iterable[int]] = ..., input_hashes: _Optional[bytes] = ..., labels: _Optional[_Iterable[int]] = ..., confidences: _Optional[_Iterable[float]] = ..., model_versions: _Optional[_Iterable[int]] = ..., latencies_us: _Optional[_Iterable[float]] = ..., times_unix_ns: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class EventAck(_message.Message):
     __slots__ = ("high_water", "accepted", "duplicates")
