@@ -8,7 +8,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -20,6 +20,9 @@ from client.process_stats import process_start_unix, resident_memory_mb
 from client.sync import SyncReport, sync_with_retries
 from fedsync.manifest import KERAS, TFLITE_FLOAT32, TFLITE_INT8, TFLITE_TRAINABLE_HEAD, Manifest
 from fedsync.wire import ClientTLS
+
+if TYPE_CHECKING:
+    from client.background import BackgroundSync
 
 _classifiers: dict[tuple[str, str], Classifier] = {}
 _classifiers_lock = threading.Lock()
@@ -296,6 +299,12 @@ class EdgeClient:
     def sync(self, address: str, *, timeout_s: float = 30.0, attempts: int = 3) -> SyncReport:
         """Send what is pending, pull corrections and the newest model (see client.sync)."""
         return sync_with_retries(self, address, timeout_s=timeout_s, attempts=attempts)
+
+    def sync_in_background(self, address: str, *, interval_s: float = 30.0) -> BackgroundSync:
+        """Start a thread that syncs whenever the coordinator is reachable; stop() it when done."""
+        from client.background import BackgroundSync
+
+        return BackgroundSync(self, address, interval_s=interval_s).start()
 
     def close(self) -> None:
         self.journal.close()

@@ -69,11 +69,16 @@ def open_database(path: Path, durability: Durability = Durability.POWER) -> sqli
 
 
 class Journal:
-    def __init__(self, path: Path, durability: Durability = Durability.POWER) -> None:
+    def __init__(self, path: Path, durability: Durability = Durability.POWER, *, create: bool = True) -> None:
+        """create=False opens an existing journal without touching its schema (a second connection,
+        e.g. for a sync running beside inference: SQLite connections must not be shared by threads
+        that each run transactions)."""
         self.path = Path(path)
+        self.durability = durability
         self.db = open_database(self.path, durability)
         self.conn = self.db.conn
-        self._create_schema()
+        if create:
+            self._create_schema()
 
     def _create_schema(self) -> None:
         db = self.db

@@ -23,8 +23,9 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from client.journal import Journal
 from client.model_store import InstallError
-from client.predictions import StoredCorrection
+from client.predictions import PredictionCache, StoredCorrection
 from fedsync.manifest import Artifact
 from fedsync.v1 import sync_pb2 as pb
 from fedsync.v1.sync_pb2_grpc import SyncStub
@@ -81,9 +82,17 @@ class _Session:
         self.timeout_s = timeout_s
         self.metadata = call_metadata(client.device_id, client.credential)
         self.report = SyncReport()
+        # Its own connection, so inference and fine-tuning go on while the sync runs.
+        self.journal = Journal(client.journal.path, client.journal.durability, create=False)
 
     def run(self) -> SyncReport:
-        journal = self.client.journal
+        try:
+            return self._run()
+        finally:
+            self.journal.close()
+
+    def _run(self) -> SyncReport:
+        journal = self.journal
         hello = self.stub.Hello(
             pb.HelloRequest(model_version=self.client.model_version, client_version="fedsync/0.1"),
             metadata=self.metadata,
@@ -104,14 +113,15 @@ class _Session:
     # -- events --------------------------------------------------------------------------
 
     def _push_events(self, high_water: int) -> None:
-        journal = self.client.journal
+        journal = self.journal
         window = threading.Semaphore(EVENT_WINDOW)
         failures: queue.SimpleQueue[BaseException] = queue.SimpleQueue()
         stop = threading.Event()
 
         def batches() -> Iterator[pb.EventBatch]:
+            reader = Journal(journal.path, journal.durability, create=False)  # gRPC reads this in its own thread
             try:
-                for columns in journal.iter_event_columns(high_water, EVENT_BATCH_SIZE):
+                for columns in reader.iter_event_columns(high_water, EVENT_BATCH_SIZE):
                     while not window.acquire(timeout=0.1):
                         if stop.is_set():
                             return
@@ -131,6 +141,8 @@ class _Session:
                     yield message
             except BaseException as exc:  # surfaced to the caller below
                 failures.put(exc)
+            finally:
+                reader.close()
 
         responses = self.stub.PushEvents(batches(), metadata=self.metadata, timeout=self.timeout_s * 10)
         try:
@@ -147,7 +159,7 @@ class _Session:
     # -- deltas --------------------------------------------------------------------------
 
     def _push_deltas(self, high_water: int) -> None:
-        journal = self.client.journal
+        journal = self.journal
         for delta in journal.pending_deltas(high_water):
             specs = [
                 pb.TensorSpec(name=s["name"], shape=s["shape"], dtype=s["dtype"])
@@ -191,7 +203,8 @@ class _Session:
     # -- corrections ---------------------------------------------------------------------
 
     def _pull_corrections(self) -> None:
-        journal = self.client.journal
+        journal = self.journal
+        cache = PredictionCache(journal.conn)
         cursor = journal.get_meta("corrections_cursor")
         while True:
             response = self.stub.PullCorrections(
@@ -202,7 +215,7 @@ class _Session:
             self.report.bytes_down += response.ByteSize()
             with journal.transaction():
                 for c in response.corrections:
-                    self.client.cache.apply_correction(
+                    cache.apply_correction(
                         StoredCorrection(c.input_hash, c.label, c.confidence, c.model_version, c.cursor)
                     )
                 cursor = max(cursor, response.cursor)
