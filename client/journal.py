@@ -109,8 +109,6 @@ class Journal:
                         "payload_sha256": bytes,
                         "train_loss": float,
                         "created_ns": int,
-                        "status": str,
-                        "reason": str,
                     },
                     pk="seq",
                     not_null={"base_version", "num_examples", "codec", "tensor_specs", "payload"},
@@ -122,6 +120,9 @@ class Journal:
                     {"seq": int, "kind": str, "latency_us": float, "rss_mb": float, "cold_start_s": float},
                     pk="seq",
                 )
+            if "delta_acks" not in db.table_names():
+                # Kept apart from the deltas rows: updating a row rewrites its (possibly large) payload.
+                db["delta_acks"].create({"seq": int, "status": str, "reason": str}, pk="seq")
             if "codec_residuals" not in db.table_names():
                 # Error feedback for lossy codecs: what quantization left out, sent with the next delta.
                 db["codec_residuals"].create(
@@ -223,7 +224,7 @@ class Journal:
         with self.transaction():
             seq = self.conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM deltas").fetchone()[0]
             self.conn.execute(
-                f"INSERT INTO deltas ({_DELTA_COLUMNS}, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending')",
+                f"INSERT INTO deltas ({_DELTA_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     seq,
                     base_version,
@@ -273,9 +274,14 @@ class Journal:
 
     def ack_delta(self, seq: int, status: str, reason: str = "") -> None:
         with self.transaction():
-            self.conn.execute("UPDATE deltas SET status = ?, reason = ? WHERE seq = ?", (status, reason, seq))
+            self.conn.execute("INSERT OR REPLACE INTO delta_acks VALUES (?, ?, ?)", (seq, status, reason))
             if seq > self.deltas_acked():
                 self.set_meta("deltas_acked", seq)
+
+    def delta_status(self, seq: int) -> tuple[str, str]:
+        """(status, reason): "pending" until acknowledged, then "sent" or "rejected"."""
+        row = self.conn.execute("SELECT status, reason FROM delta_acks WHERE seq = ?", (seq,)).fetchone()
+        return ("pending", "") if row is None else (row[0], row[1] or "")
 
     def pending_deltas(self, after_seq: int) -> Iterator[JournalDelta]:
         """Pending deltas one at a time (each may be large)."""
@@ -288,6 +294,26 @@ class Journal:
                 return
             yield JournalDelta(*row)
             cursor = row[0]
+
+    def pending_delta_headers(self, after_seq: int) -> Iterator[tuple[JournalDelta, int]]:
+        """Pending deltas without their payload (empty) and with its size: stream it with read_payload."""
+        cursor = after_seq
+        columns = _DELTA_COLUMNS.replace("payload,", "X'' AS payload,", 1)
+        while True:
+            row = self.conn.execute(
+                f"SELECT {columns}, LENGTH(payload) FROM deltas WHERE seq > ? ORDER BY seq LIMIT 1", (cursor,)
+            ).fetchone()
+            if row is None:
+                return
+            yield JournalDelta(*row[:-1]), int(row[-1])
+            cursor = row[0]
+
+    def read_payload(self, seq: int, offset: int, chunk_size: int) -> Iterator[bytes]:
+        """A delta's payload from offset, chunk by chunk, without loading it whole."""
+        with self.conn.blobopen("deltas", "payload", seq, readonly=True) as blob:
+            blob.seek(offset)
+            while chunk := blob.read(chunk_size):
+                yield chunk
 
     def pending_delta_count(self) -> int:
         acked = self.deltas_acked()

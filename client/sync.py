@@ -52,6 +52,7 @@ class SyncReport:
     install_error: str | None = None
     bytes_up: int = 0
     bytes_down: int = 0
+    resumed_delta_bytes: int = 0
     notes: list[str] = field(default_factory=list)
 
 
@@ -104,7 +105,7 @@ class _Session:
             self._push_events(hello.events_high_water)
         if journal.deltas_acked() < hello.deltas_high_water:
             journal.ack_delta(hello.deltas_high_water, "sent")
-        self._push_deltas(hello.deltas_high_water)
+        self._push_deltas(hello.deltas_high_water, hello.delta_resume_offset, hello.delta_resume_sha256)
         self._pull_corrections()
         self._pull_model()
         self.report.model_version = self.client.model_version
@@ -158,9 +159,13 @@ class _Session:
 
     # -- deltas --------------------------------------------------------------------------
 
-    def _push_deltas(self, high_water: int) -> None:
+    def _push_deltas(self, high_water: int, resume_offset: int, resume_sha256: bytes) -> None:
         journal = self.journal
-        for delta in journal.pending_deltas(high_water):
+        for delta, payload_size in journal.pending_delta_headers(high_water):
+            offset = 0
+            if delta.seq == high_water + 1 and resume_sha256 == delta.payload_sha256:
+                offset = min(resume_offset, payload_size)
+                self.report.resumed_delta_bytes += offset
             specs = [
                 pb.TensorSpec(name=s["name"], shape=s["shape"], dtype=s["dtype"])
                 for s in json.loads(delta.tensor_specs)
@@ -171,16 +176,21 @@ class _Session:
                 num_examples=delta.num_examples,
                 codec=delta.codec,
                 tensors=specs,
-                payload_size=len(delta.payload),
+                payload_size=payload_size,
                 payload_sha256=delta.payload_sha256,
                 train_loss=delta.train_loss,
+                offset=offset,
             )
 
-            def chunks(header: pb.DeltaHeader = header, payload: bytes = delta.payload) -> Iterator[pb.DeltaChunk]:
+            def chunks(header: pb.DeltaHeader = header, offset: int = offset) -> Iterator[pb.DeltaChunk]:
                 yield pb.DeltaChunk(header=header)
-                view = memoryview(payload)
-                for start in range(0, len(view), DELTA_CHUNK_BYTES):
-                    yield pb.DeltaChunk(data=bytes(view[start : start + DELTA_CHUNK_BYTES]))
+                reader = Journal(journal.path, journal.durability, create=False)  # read in gRPC's thread
+                try:
+                    for chunk in reader.read_payload(header.seq, offset, DELTA_CHUNK_BYTES):
+                        self.report.bytes_up += len(chunk)
+                        yield pb.DeltaChunk(data=chunk)
+                finally:
+                    reader.close()
 
             try:
                 ack = self.stub.PushDelta(chunks(), metadata=self.metadata, timeout=self.timeout_s)
@@ -192,7 +202,6 @@ class _Session:
                 self.report.deltas_rejected += 1
                 self.report.notes.append(exc.details() or f"delta {delta.seq} rejected")
                 continue
-            self.report.bytes_up += len(delta.payload)
             if ack.status == pb.DeltaAck.REJECTED:
                 journal.ack_delta(delta.seq, "rejected", ack.reason)
                 self.report.deltas_rejected += 1

@@ -13,6 +13,7 @@ import grpc
 from coordinator.aggregator import Aggregator, encoded_delta
 from coordinator.metrics import CoordinatorMetrics, NullMetrics
 from coordinator.store import CoordinatorStore, EventColumns, StoreError
+from coordinator.uploads import PartialUploads
 from fedsync.aggregation import DeltaRejected, validate_delta
 from fedsync.codecs import CodecError, get_codec
 from fedsync.manifest import Manifest
@@ -49,20 +50,26 @@ class SyncService(SyncServicer):
         models_dir: Path,
         on_delta: Callable[[], None] = lambda: None,
         metrics: CoordinatorMetrics | None = None,
+        uploads_dir: Path | None = None,
     ) -> None:
         self.metrics = metrics or NullMetrics()
         self.store = store
         self.aggregator = aggregator
         self.models_dir = Path(models_dir)
+        self.uploads = PartialUploads(uploads_dir or self.models_dir.parent / "uploads")
         self.on_delta = on_delta
 
     def Hello(self, request: pb.HelloRequest, context: grpc.ServicerContext) -> pb.HelloResponse:
         device = device_of(context)
         events_hw, deltas_hw = self.store.touch_device(device, request.model_version)
+        partial = self.uploads.status(device)
+        resumable = partial is not None and partial.seq == deltas_hw + 1
         return pb.HelloResponse(
             events_high_water=events_hw,
             deltas_high_water=deltas_hw,
             current_model_version=self.aggregator.version,
+            delta_resume_offset=partial.received if resumable else 0,
+            delta_resume_sha256=partial.sha256 if resumable else b"",
         )
 
     def PushEvents(
@@ -120,21 +127,36 @@ class SyncService(SyncServicer):
             context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION, f"sequence gap: expected delta {deltas_hw + 1}, got {header.seq}"
             )
-        payload = bytearray()
+        if len(header.payload_sha256) != 32:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "payload_sha256 must be 32 bytes")
+        try:
+            upload = self.uploads.begin(device, header.seq, header.payload_sha256, header.payload_size, header.offset)
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{exc}: start again at offset 0")
+        received = upload.received
+        digest = self.uploads.prefix_hash(device) if received else hashlib.sha256()
         for chunk in request_iterator:
             if chunk.WhichOneof("part") != "data":
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "only the first DeltaChunk may carry a header")
-            if len(payload) + len(chunk.data) > header.payload_size:
+            if received + len(chunk.data) > header.payload_size:
+                self.uploads.discard(device)
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "delta payload is longer than its header says")
-            payload += chunk.data
-        if len(payload) != header.payload_size:
+            self.uploads.append(device, chunk.data)
+            digest.update(chunk.data)
+            received += len(chunk.data)
+        if received != header.payload_size:
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"delta payload ended after {len(payload)} of {header.payload_size} bytes",
+                f"delta payload ended after {received} of {header.payload_size} bytes (resume at {received})",
             )
-        if hashlib.sha256(payload).digest() != header.payload_sha256:
+        if digest.digest() != header.payload_sha256:
+            self.uploads.discard(device)
             context.abort(grpc.StatusCode.DATA_LOSS, "delta payload does not match its sha256")
-        return self._store_delta(device, header, bytes(payload), context)
+        payload = self.uploads.payload(device)
+        try:
+            return self._store_delta(device, header, payload, context, self.uploads.part_file(device))
+        finally:
+            self.uploads.discard(device)
 
     def _replayed_delta(
         self, device: str, header: pb.DeltaHeader, deltas_hw: int, context: grpc.ServicerContext
@@ -149,8 +171,14 @@ class SyncService(SyncServicer):
         return pb.DeltaAck(seq=header.seq, status=status, reason=stored[1], deltas_high_water=deltas_hw)
 
     def _store_delta(
-        self, device: str, header: pb.DeltaHeader, payload: bytes, context: grpc.ServicerContext
+        self,
+        device: str,
+        header: pb.DeltaHeader,
+        payload: bytes,
+        context: grpc.ServicerContext,
+        payload_file: Path | None = None,
     ) -> pb.DeltaAck:
+        """Validate and store a complete delta; payload_file (its bytes on disk) is moved into the store."""
         specs_json = json.dumps([{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in header.tensors])
         staleness = self.aggregator.staleness_of(header.base_version)
         common = dict(
@@ -173,7 +201,13 @@ class SyncService(SyncServicer):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"delta {header.seq} rejected: {problem[1]}")
             reason = self.aggregator.strategy.accepts(staleness)
             status = "rejected" if reason else "buffered"
-            hw = self.store.add_delta(**common, payload=payload, status=status, reason=reason or "")
+            hw = self.store.add_delta(
+                **common,
+                payload=None if payload_file is not None or reason else payload,
+                payload_file=None if reason else payload_file,
+                status=status,
+                reason=reason or "",
+            )
         except StoreError as exc:
             context.abort(_STORE_CODES[exc.kind], str(exc))
         if reason:

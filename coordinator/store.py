@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import functools
 import itertools
+import os
 import sqlite3
 import threading
 import time
@@ -22,6 +23,7 @@ import numpy as np
 
 from coordinator.conflict_index import ConflictIndex, Resolution
 from fedsync.conflicts import ConflictPolicy, highest_confidence
+from fedsync.manifest import fsync_path
 from fedsync.wire import INPUT_HASH_BYTES
 
 SCHEMA = """
@@ -51,7 +53,7 @@ CREATE TABLE IF NOT EXISTS deltas (
     num_examples INTEGER NOT NULL,
     codec TEXT NOT NULL,
     tensor_specs TEXT NOT NULL,
-    payload BLOB,
+    payload_file TEXT,             -- under deltas/ until aggregated or rejected
     payload_sha256 BLOB NOT NULL,
     train_loss REAL NOT NULL,
     received_ns INTEGER NOT NULL,
@@ -217,6 +219,9 @@ class CoordinatorStore:
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=FULL")
         self.conn.executescript(SCHEMA)
+        self.deltas_dir = self.path.parent / "deltas"
+        self.deltas_dir.mkdir(exist_ok=True)
+        self._remove_orphan_payloads()
         self.conflicts = ConflictIndex(self.policy)
         self._reload_conflicts()
 
@@ -384,9 +389,26 @@ class CoordinatorStore:
         status: str,
         reason: str = "",
         staleness: int | None = None,
+        payload_file: Path | None = None,
     ) -> int:
-        """Store a delta (buffered or rejected) and advance the device's mark; returns the new mark."""
+        """Store a delta (buffered or rejected) and advance the device's mark; returns the new mark.
+
+        The payload goes to a file of its own (a large blob in SQLite would be written twice, and
+        rewritten on every update of its row); `payload_file` moves an already written file there.
+        """
         now = time.time_ns()
+        name = f"{device_id}.{seq}.delta" if (payload is not None or payload_file is not None) else None
+        if name is not None:
+            target = self.deltas_dir / name
+            if payload_file is not None:
+                fsync_path(payload_file)
+                os.replace(payload_file, target)
+            else:
+                with open(target, "wb") as f:
+                    f.write(payload)  # type: ignore[arg-type]
+                    f.flush()
+                    os.fsync(f.fileno())
+            fsync_path(self.deltas_dir)
         self._begin()
         try:
             (high_water,) = self.conn.execute(
@@ -395,7 +417,7 @@ class CoordinatorStore:
             if seq != high_water + 1:
                 raise StoreError("precondition", f"sequence gap: expected delta {high_water + 1}, got {seq}")
             self.conn.execute(
-                "INSERT INTO deltas (device_id, seq, base_version, num_examples, codec, tensor_specs, payload, "
+                "INSERT INTO deltas (device_id, seq, base_version, num_examples, codec, tensor_specs, payload_file, "
                 "payload_sha256, train_loss, received_ns, status, reason, staleness) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
@@ -405,7 +427,7 @@ class CoordinatorStore:
                     num_examples,
                     codec,
                     tensor_specs,
-                    payload,
+                    name,
                     payload_sha256,
                     train_loss,
                     now,
@@ -423,6 +445,8 @@ class CoordinatorStore:
             self.conn.execute("COMMIT")
         except BaseException:
             self.conn.execute("ROLLBACK")
+            if name is not None:
+                (self.deltas_dir / name).unlink(missing_ok=True)
             raise
         return seq
 
@@ -448,12 +472,13 @@ class CoordinatorStore:
         for device_id, seq in keys:
             with self._lock:
                 row = self.conn.execute(
-                    "SELECT device_id, seq, base_version, num_examples, codec, tensor_specs, payload, received_ns "
+                    "SELECT device_id, seq, base_version, num_examples, codec, tensor_specs, payload_file, received_ns "
                     "FROM deltas WHERE device_id = ? AND seq = ?",
                     (device_id, seq),
                 ).fetchone()
-            if row is not None:
-                yield StoredDelta(*row)
+            if row is not None and row[6] is not None:
+                payload = (self.deltas_dir / row[6]).read_bytes()
+                yield StoredDelta(*row[:6], payload, row[7])
 
     # -- versions -------------------------------------------------------------------------
 
@@ -474,12 +499,12 @@ class CoordinatorStore:
                 (version, parent_version, time.time_ns(), manifest_json, len(aggregated), accuracy),
             )
             self.conn.executemany(
-                "UPDATE deltas SET status = 'aggregated', aggregated_into = ?, staleness = ?, payload = NULL "
+                "UPDATE deltas SET status = 'aggregated', aggregated_into = ?, staleness = ?, payload_file = NULL "
                 "WHERE device_id = ? AND seq = ? AND status = 'buffered'",
                 [(version, staleness, device, seq) for device, seq, staleness in aggregated],
             )
             self.conn.executemany(
-                "UPDATE deltas SET status = 'rejected', reason = ?, payload = NULL "
+                "UPDATE deltas SET status = 'rejected', reason = ?, payload_file = NULL "
                 "WHERE device_id = ? AND seq = ? AND status = 'buffered'",
                 [(reason, device, seq) for device, seq, reason in rejected],
             )
@@ -487,13 +512,27 @@ class CoordinatorStore:
         except BaseException:
             self.conn.execute("ROLLBACK")
             raise
+        self._remove_payloads([(d, s) for d, s, _ in aggregated] + [(d, s) for d, s, _ in rejected])
+
+    def _remove_payloads(self, keys: Sequence[tuple[str, int]]) -> None:
+        for device_id, seq in keys:
+            (self.deltas_dir / f"{device_id}.{seq}.delta").unlink(missing_ok=True)
+
+    def _remove_orphan_payloads(self) -> None:
+        """Payload files no buffered delta refers to: left by a crash between commit and unlink."""
+        referenced = {
+            row[0] for row in self.conn.execute("SELECT payload_file FROM deltas WHERE payload_file IS NOT NULL")
+        }
+        for path in self.deltas_dir.glob("*.delta"):
+            if path.name not in referenced:
+                path.unlink(missing_ok=True)
 
     @_locked
     def commit_version_rejections(self, rejected: Sequence[tuple[str, int, str]]) -> None:
         self._begin()
         try:
             self.conn.executemany(
-                "UPDATE deltas SET status = 'rejected', reason = ?, payload = NULL "
+                "UPDATE deltas SET status = 'rejected', reason = ?, payload_file = NULL "
                 "WHERE device_id = ? AND seq = ? AND status = 'buffered'",
                 [(reason, device, seq) for device, seq, reason in rejected],
             )
@@ -501,6 +540,7 @@ class CoordinatorStore:
         except BaseException:
             self.conn.execute("ROLLBACK")
             raise
+        self._remove_payloads([(d, s) for d, s, _ in rejected])
 
     @_locked
     def latest_version(self) -> tuple[int, bytes] | None:

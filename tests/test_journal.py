@@ -154,8 +154,7 @@ def test_append_delta_stores_payload_and_sha256(journal: Journal) -> None:
     assert delta.payload_sha256 == hashlib.sha256(payload).digest()
     assert delta.train_loss == 0.25
     assert delta.created_ns > 0
-    status = journal.conn.execute("SELECT status FROM deltas WHERE seq = 1").fetchone()[0]
-    assert status == "pending"
+    assert journal.delta_status(1) == ("pending", "")
     assert journal.pending_delta_count() == 2
 
 
@@ -236,10 +235,9 @@ def test_ack_delta_updates_status_and_pending(journal: Journal) -> None:
     assert journal.pending_delta_count() == 3
     journal.ack_delta(1, "sent")
     journal.ack_delta(2, "rejected", "too stale")
-    rows = journal.conn.execute("SELECT seq, status, reason FROM deltas ORDER BY seq").fetchall()
-    assert rows[0][:2] == (1, "sent")
-    assert rows[1] == (2, "rejected", "too stale")
-    assert rows[2][1] == "pending"
+    assert journal.delta_status(1)[0] == "sent"
+    assert journal.delta_status(2) == ("rejected", "too stale")
+    assert journal.delta_status(3)[0] == "pending"
     assert journal.deltas_acked() == 2
     assert journal.pending_delta_count() == 1
     assert [d.seq for d in journal.pending_deltas(journal.deltas_acked())] == [3]

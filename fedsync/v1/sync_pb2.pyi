@@ -16,14 +16,18 @@ class HelloRequest(_message.Message):
     def __init__(self, model_version: _Optional[int] = ..., client_version: _Optional[str] = ...) -> None: ...
 
 class HelloResponse(_message.Message):
-    __slots__ = ("events_high_water", "deltas_high_water", "current_model_version")
+    __slots__ = ("events_high_water", "deltas_high_water", "current_model_version", "delta_resume_offset", "delta_resume_sha256")
     EVENTS_HIGH_WATER_FIELD_NUMBER: _ClassVar[int]
     DELTAS_HIGH_WATER_FIELD_NUMBER: _ClassVar[int]
     CURRENT_MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DELTA_RESUME_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DELTA_RESUME_SHA256_FIELD_NUMBER: _ClassVar[int]
     events_high_water: int
     deltas_high_water: int
     current_model_version: int
-    def __init__(self, events_high_water: _Optional[int] = ..., deltas_high_water: _Optional[int] = ..., current_model_version: _Optional[int] = ...) -> None: ...
+    delta_resume_offset: int
+    delta_resume_sha256: bytes
+    def __init__(self, events_high_water: _Optional[int] = ..., deltas_high_water: _Optional[int] = ..., current_model_version: _Optional[int] = ..., delta_resume_offset: _Optional[int] = ..., delta_resume_sha256: _Optional[bytes] = ...) -> None: ...
 
 class EventBatch(_message.Message):
     __slots__ = ("seq", "input_hashes", "labels", "confidences", "model_versions", "latencies_us", "times_unix_ns")
@@ -64,7 +68,7 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class DeltaHeader(_message.Message):
-    __slots__ = ("seq", "base_version", "num_examples", "codec", "tensors", "payload_size", "payload_sha256", "train_loss")
+    __slots__ = ("seq", "base_version", "num_examples", "codec", "tensors", "payload_size", "payload_sha256", "train_loss", "offset")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +77,7 @@ class DeltaHeader(_message.Message):
     PAYLOAD_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_SHA256_FIELD_NUMBER: _ClassVar[int]
     TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
     seq: int
     base_version: int
     num_examples: int
@@ -81,7 +86,8 @@ class DeltaHeader(_message.Message):
     payload_size: int
     payload_sha256: bytes
     train_loss: float
-    def __init__(self, seq: _Optional[int] = ..., base_version: _Optional[int] = ..., num_examples: _Optional[int] = ..., codec: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., payload_size: _Optional[int] = ..., payload_sha256: _Optional[bytes] = ..., train_loss: _Optional[float] = ...) -> None: ...
+    offset: int
+    def __init__(self, seq: _Optional[int] = ..., base_version: _Optional[int] = ..., num_examples: _Optional[int] = ..., codec: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., payload_size: _Optional[int] = ..., payload_sha256: _Optional[bytes] = ..., train_loss: _Optional[float] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class DeltaChunk(_message.Message):
     __slots__ = ("header", "data")
