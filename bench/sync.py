@@ -9,6 +9,7 @@ interruption at the midpoint. Ends with one JSON line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import sqlite3
@@ -105,10 +106,8 @@ def bench_events(root: Path, n: int) -> dict[str, float]:
         resumer = journal_client(root, "resume-device", coordinator, rows)
         with FaultProxy(coordinator.port) as proxy:
             proxy.cut_after(upstream_bytes=int(n * bytes_per_event / 2))
-            try:
+            with contextlib.suppress(grpc.RpcError):
                 resumer.sync(proxy.address, attempts=1)
-            except grpc.RpcError:
-                pass
             delivered_before_cut = coordinator.store.high_waters("resume-device")[0]
             start = time.perf_counter()
             second = resumer.sync(proxy.address, attempts=1)
@@ -157,10 +156,8 @@ def bench_transfers(root: Path, delta_mb: int) -> dict[str, float]:
         with FaultProxy(coordinator.port) as proxy:
             client._journal_delta(1, delta, 100, 0.5, "float32")
             proxy.cut_after(upstream_bytes=payload_size // 2)
-            try:
+            with contextlib.suppress(grpc.RpcError):
                 client.sync(proxy.address, attempts=1)
-            except grpc.RpcError:
-                pass
             sent_before = proxy.bytes_up
             resumed = client.sync(proxy.address, attempts=1)
             sent_after = proxy.bytes_up - sent_before
@@ -191,14 +188,21 @@ def main() -> None:
         root = Path(tmp)
         events = bench_events(root, args.events)
         transfers = bench_transfers(root, args.delta_mb)
-    print(f"events: {events['events_per_s']:,.0f}/s end to end vs {events['sqlite_ceiling_rows_per_s']:,.0f}/s raw SQLite "
-          f"(ratio {events['ratio']:.2f}), {events['bytes_per_event']:.1f} B/event on the wire")
-    print(f"cut at the midpoint: {events['events_before_cut']} events had landed; "
-          f"{events['events_resent_after_cut']} resent; resume took {events['resume_s']:.2f} s")
-    print(f"{transfers['delta_mb']:.1f} MB delta upload {transfers['upload_mb_per_s']:.0f} MB/s, "
-          f"model download {transfers['download_mb_per_s']:.0f} MB/s; after a midpoint cut the upload resumed at "
-          f"byte {transfers['resumed_at_byte']:,} and resent {transfers['resent_bytes_after_cut']:,} bytes "
-          f"({transfers['resent_chunks_after_cut']} chunks)")
+    print(
+        f"events: {events['events_per_s']:,.0f}/s end to end vs "
+        f"{events['sqlite_ceiling_rows_per_s']:,.0f}/s raw SQLite "
+        f"(ratio {events['ratio']:.2f}), {events['bytes_per_event']:.1f} B/event on the wire"
+    )
+    print(
+        f"cut at the midpoint: {events['events_before_cut']} events had landed; "
+        f"{events['events_resent_after_cut']} resent; resume took {events['resume_s']:.2f} s"
+    )
+    print(
+        f"{transfers['delta_mb']:.1f} MB delta upload {transfers['upload_mb_per_s']:.0f} MB/s, "
+        f"model download {transfers['download_mb_per_s']:.0f} MB/s; after a midpoint cut the upload resumed at "
+        f"byte {transfers['resumed_at_byte']:,} and resent {transfers['resent_bytes_after_cut']:,} bytes "
+        f"({transfers['resent_chunks_after_cut']} chunks)"
+    )
     figures = {**events, **transfers}
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}))
 

@@ -75,6 +75,7 @@ class Coordinator:
         keep_versions: int = 5,
         require_credentials: bool = False,
         tls: ServerTLS | None = None,
+        max_delta_norm: float | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -100,7 +101,12 @@ class Coordinator:
         self._stopping = threading.Event()
         self._loop: threading.Thread | None = None
         self.service = SyncService(
-            self.store, self.aggregator, self.data_dir / "models", on_delta=self._wake.set, metrics=self.metrics
+            self.store,
+            self.aggregator,
+            self.data_dir / "models",
+            on_delta=self._wake.set,
+            metrics=self.metrics,
+            max_delta_norm=max_delta_norm,
         )
         self.credentials = CredentialStore(self.store.conn, self.store.lock)
         self.tls = tls

@@ -51,7 +51,9 @@ class SyncService(SyncServicer):
         on_delta: Callable[[], None] = lambda: None,
         metrics: CoordinatorMetrics | None = None,
         uploads_dir: Path | None = None,
+        max_delta_norm: float | None = None,
     ) -> None:
+        self.max_delta_norm = max_delta_norm
         self.metrics = metrics or NullMetrics()
         self.store = store
         self.aggregator = aggregator
@@ -241,7 +243,7 @@ class SyncService(SyncServicer):
             # A delta may cover a subset of the model (a lean client trains only the head).
             if names and names <= set(reference):
                 reference = {name: reference[name] for name in names}
-            validate_delta(delta, reference)
+            validate_delta(delta, reference, max_norm=self.max_delta_norm)
         except (CodecError, ValueError) as exc:
             return "codec", f"codec: {exc}"
         except DeltaRejected as exc:

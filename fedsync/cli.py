@@ -55,17 +55,56 @@ def _check_address(address: str) -> None:
 # -- coordinator ------------------------------------------------------------------------------
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from fedsync.aggregation import Strategy
+def _strategy_from_args(args: argparse.Namespace):
+    from fedsync import aggregation as agg
 
     if args.buffer_size < 1:
         raise CommandError(f"--buffer-size must be at least 1, got {args.buffer_size}")
+    if args.aggregation == "sync":
+        return agg.Strategy.fedavg(num_clients=args.buffer_size)
+    rules = {
+        "mean": agg.weighted_mean,
+        "median": agg.coordinate_median,
+        "trimmed-mean": lambda: agg.trimmed_mean(args.trim),
+        "krum": lambda: agg.krum(args.byzantine),
+        "multi-krum": lambda: agg.multi_krum(args.byzantine),
+    }
+    staleness = {
+        "constant": agg.constant_staleness,
+        "polynomial": lambda: agg.polynomial_staleness(args.staleness_a),
+        "hinge": agg.hinge_staleness,
+    }
+    rule = rules[args.rule]()
+    if args.clip_norm is not None:
+        if not args.clip_norm > 0:
+            raise CommandError(f"--clip-norm must be > 0, got {args.clip_norm}")
+        rule = agg.norm_clipping(args.clip_norm) | rule
+    optimizer = (
+        agg.server_momentum(lr=args.server_lr, momentum=args.server_momentum)
+        if args.server_momentum
+        else agg.server_sgd(lr=args.server_lr)
+    )
+    try:
+        return agg.Strategy(
+            rule=rule,
+            staleness=staleness[args.staleness](),
+            max_staleness=args.max_staleness,
+            optimizer=optimizer,
+            buffer_size=args.buffer_size,
+            max_wait_s=args.max_wait_s,
+        )
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from fedsync.conflicts import confidence_weighted_vote, highest_confidence
+
+    strategy = _strategy_from_args(args)
     if args.keep_versions < 1:
         raise CommandError(f"--keep-versions must be at least 1, got {args.keep_versions}")
     _check_address(args.address)
     from coordinator import Coordinator
-
-    strategy = Strategy.fedbuff(buffer_size=args.buffer_size, max_staleness=args.max_staleness)
     from coordinator.server import ServerTLS
 
     tls = None
@@ -85,6 +124,8 @@ def _serve(args: argparse.Namespace) -> int:
         keep_versions=args.keep_versions,
         require_credentials=not args.no_credentials,
         tls=tls,
+        policy=confidence_weighted_vote() if args.conflict_policy == "vote" else highest_confidence(),
+        max_delta_norm=args.max_delta_norm,
     )
     port = coordinator.start(args.address)
     host = args.address.rsplit(":", 1)[0]
@@ -327,8 +368,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve = coordinator.add_parser("serve", help="serve the Sync gRPC API")
     serve.add_argument("--data-dir", default=".fedsync/coordinator", help="SQLite database and published models")
     serve.add_argument("--address", default="127.0.0.1:50051", help="host:port to listen on")
+    serve.add_argument("--aggregation", choices=["async", "sync"], default="async", help="FedBuff or FedAvg rounds")
     serve.add_argument("--buffer-size", type=int, default=10, help="deltas per new version")
+    serve.add_argument("--max-wait-s", type=float, default=None, help="publish after this long with any deltas")
     serve.add_argument("--max-staleness", type=int, default=8, help="reject deltas older than this many versions")
+    serve.add_argument("--staleness", choices=["constant", "polynomial", "hinge"], default="polynomial")
+    serve.add_argument("--staleness-a", type=float, default=0.5, help="exponent of (1+staleness)^-a")
+    serve.add_argument("--rule", choices=["mean", "median", "trimmed-mean", "krum", "multi-krum"], default="mean")
+    serve.add_argument("--trim", type=float, default=0.1, help="trimmed-mean: fraction cut at each end")
+    serve.add_argument("--byzantine", type=int, default=1, help="krum: number of faulty devices tolerated")
+    serve.add_argument("--clip-norm", type=float, default=None, help="clip each delta to this L2 norm first")
+    serve.add_argument("--server-lr", type=float, default=1.0)
+    serve.add_argument("--server-momentum", type=float, default=0.0)
+    serve.add_argument("--max-delta-norm", type=float, default=None, help="reject deltas with a larger L2 norm")
+    serve.add_argument("--conflict-policy", choices=["highest-confidence", "vote"], default="highest-confidence")
     serve.add_argument("--keep-versions", type=int, default=5, help="published versions to keep (plus those in use)")
     serve.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     serve.add_argument("--no-credentials", action="store_true", help="accept calls without device credentials")
