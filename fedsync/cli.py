@@ -201,6 +201,8 @@ def _simulate(args: argparse.Namespace) -> int:
         buffer_size=args.buffer_size,
         codec=args.codec,
         local_epochs=args.local_epochs,
+        local_training=args.local_training,
+        learning_rate=args.lr if args.lr is not None else (0.5 if args.local_training == "head" else 0.1),
     )
     try:
         config.validate()
@@ -415,6 +417,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--buffer-size", type=int, default=None, help="async: deltas per version")
     sim.add_argument("--codec", default="float32", help="delta codec: float32, float16, int8, topk:0.1")
     sim.add_argument("--local-epochs", type=int, default=5)
+    sim.add_argument(
+        "--local-training", choices=["keras", "head"], default="keras",
+        help="keras: whole model (TensorFlow); head: the LiteRT trainable head, light enough for large fleets",
+    )  # fmt: skip
+    sim.add_argument("--lr", type=float, default=None, help="local learning rate (default 0.1 keras, 0.5 head)")
     sim.set_defaults(run=_simulate)
 
     client = commands.add_parser("client", help="operate an edge client's folder").add_subparsers(
