@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
+import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -42,6 +46,22 @@ class Classifier(Protocol):
 # no TensorFlow. None: inference only.
 FINE_TUNING_PROFILES = ("keras", "head", None)
 HEAD_VARIABLES = {"head_kernel": "head/kernel", "head_bias": "head/bias"}
+
+
+class JournalFullError(OSError):
+    """The journal's storage is full: the new event or delta was not journaled, nothing earlier was lost."""
+
+
+@contextlib.contextmanager
+def _journal_writes() -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        if "full" in str(exc):
+            raise JournalFullError(
+                errno.ENOSPC, "journal storage is full: this write was rolled back, earlier entries are intact"
+            ) from None
+        raise
 
 
 class NoModelError(RuntimeError):
@@ -190,7 +210,7 @@ class EdgeClient:
                 corrected = correction is not None and correction.label != model_label
                 label = correction.label if correction is not None else model_label
             latency_us = (time.perf_counter_ns() - start) / 1e3
-            with self.journal.transaction():
+            with _journal_writes(), self.journal.transaction():
                 (seq,) = self.journal.append_events([(input_hash, model_label, confidence, version, latency_us)])
                 if cached is None:
                     self.cache.put(input_hash, version, label, confidence, corrected)
@@ -284,15 +304,16 @@ class EdgeClient:
         feedback.load_state(self.journal.codec_residuals())
         specs, payload = feedback.encode(delta)
         specs_json = json.dumps([{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in specs])
-        return self.journal.append_delta(
-            base_version,
-            num_examples,
-            codec,
-            specs_json,
-            payload,
-            loss,
-            extra_statements=self.journal.residual_statements(feedback.state()),
-        )
+        with _journal_writes():
+            return self.journal.append_delta(
+                base_version,
+                num_examples,
+                codec,
+                specs_json,
+                payload,
+                loss,
+                extra_statements=self.journal.residual_statements(feedback.state()),
+            )
 
     # -- sync ------------------------------------------------------------------------------
 

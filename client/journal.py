@@ -344,5 +344,5 @@ class _Transaction:
             return
         if exc_type is None:
             self.conn.execute("COMMIT")
-        else:
+        elif self.conn.in_transaction:  # some errors (SQLITE_FULL) have rolled back already
             self.conn.execute("ROLLBACK")

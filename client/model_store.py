@@ -112,17 +112,10 @@ class ModelStore:
             raise InstallError(f"version {manifest.version} has none of the artifact kinds {sorted(wanted_kinds)}")
         final = self.version_dir(manifest.version)
         if not final.exists():
-            staging = self.root / f".staging-v{manifest.version}"
-            staging.mkdir(exist_ok=True)
-            for artifact in wanted:
-                path = staging / artifact.name
-                if not (path.exists() and path.stat().st_size == artifact.size):
-                    fetch(artifact, path)
-                self._verify(path, artifact)
-                fsync_path(path)
-            write_atomically(staging / MANIFEST_NAME, manifest.to_json())
-            staging.rename(final)
-            fsync_path(self.root)
+            try:
+                self._stage(manifest, wanted, fetch, final)
+            except OSError as exc:  # a full disk, say: the current version stays, the staged part may resume
+                raise InstallError(f"could not store version {manifest.version}: {exc.strerror or exc}") from None
         try:
             smoke_test(final, manifest)
         except Exception as exc:
@@ -131,6 +124,19 @@ class ModelStore:
         self._switch(manifest.version)
         self.prune()
         return manifest.version
+
+    def _stage(self, manifest: Manifest, wanted: list[Artifact], fetch: FetchArtifact, final: Path) -> None:
+        staging = self.root / f".staging-v{manifest.version}"
+        staging.mkdir(exist_ok=True)
+        for artifact in wanted:
+            path = staging / artifact.name
+            if not (path.exists() and path.stat().st_size == artifact.size):
+                fetch(artifact, path)
+            self._verify(path, artifact)
+            fsync_path(path)
+        write_atomically(staging / MANIFEST_NAME, manifest.to_json())
+        staging.rename(final)
+        fsync_path(self.root)
 
     @staticmethod
     def _verify(path: Path, artifact: Artifact) -> None:

@@ -232,6 +232,10 @@ class CoordinatorStore:
     def _begin(self) -> None:
         self.conn.execute("BEGIN IMMEDIATE")
 
+    def _rollback(self) -> None:
+        if self.conn.in_transaction:  # some errors (SQLITE_FULL) have rolled back already
+            self.conn.execute("ROLLBACK")
+
     # -- devices --------------------------------------------------------------------------
 
     @_locked
@@ -254,7 +258,7 @@ class CoordinatorStore:
             ).fetchone()
             self.conn.execute("COMMIT")
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            self._rollback()
             raise
         return int(row[0]), int(row[1])
 
@@ -278,7 +282,7 @@ class CoordinatorStore:
             result = self._add_events_locked(device_id, columns)
             self.conn.execute("COMMIT")
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            self._rollback()
             self._reload_conflicts()  # the index may hold this batch's observations
             raise
         return result
@@ -444,7 +448,7 @@ class CoordinatorStore:
             )
             self.conn.execute("COMMIT")
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            self._rollback()
             if name is not None:
                 (self.deltas_dir / name).unlink(missing_ok=True)
             raise
@@ -510,7 +514,7 @@ class CoordinatorStore:
             )
             self.conn.execute("COMMIT")
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            self._rollback()
             raise
         self._remove_payloads([(d, s) for d, s, _ in aggregated] + [(d, s) for d, s, _ in rejected])
 
@@ -538,7 +542,7 @@ class CoordinatorStore:
             )
             self.conn.execute("COMMIT")
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            self._rollback()
             raise
         self._remove_payloads([(d, s) for d, s, _ in rejected])
 
