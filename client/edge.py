@@ -130,7 +130,7 @@ class EdgeClient:
         self.journal = Journal(self.home / "journal.db", durability)
         with self.journal.transaction():
             create_prediction_tables(self.journal.db)
-        self.cache = PredictionCache(self.journal.conn)
+        self.cache = PredictionCache(self.journal.conn, write_behind=True)
         self.models = ModelStore(self.home / "models", keep_versions=keep_versions)
         self._lock = threading.RLock()
         self._serving: tuple[Classifier, int] | None = None
@@ -327,5 +327,18 @@ class EdgeClient:
 
         return BackgroundSync(self, address, interval_s=interval_s).start()
 
+    def before_sync(self) -> None:
+        """Flush write-behind state, so a sync on another connection sees (and corrects) it."""
+        with self._lock, self.journal.transaction():
+            self.cache.flush()
+
+    def after_sync(self) -> None:
+        with self._lock:
+            self.cache.reload_corrections()
+
     def close(self) -> None:
+        with self._lock:
+            if self.journal.conn is not None:
+                with contextlib.suppress(sqlite3.Error), self.journal.transaction():
+                    self.cache.flush()
         self.journal.close()

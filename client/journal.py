@@ -11,7 +11,7 @@ import hashlib
 import json
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -77,6 +77,7 @@ class Journal:
         self.durability = durability
         self.db = open_database(self.path, durability)
         self.conn = self.db.conn
+        self._last_seq: int | None = None
         if create:
             self._create_schema()
 
@@ -132,7 +133,10 @@ class Journal:
     # -- transactions -------------------------------------------------------------------------
 
     def transaction(self) -> _Transaction:
-        return _Transaction(self.conn)
+        return _Transaction(self.conn, on_rollback=self._forget_last_seq)
+
+    def _forget_last_seq(self) -> None:
+        self._last_seq = None
 
     # -- meta -----------------------------------------------------------------------------------
 
@@ -152,14 +156,30 @@ class Journal:
         self, rows: Sequence[tuple[bytes, int, float, int, float]], time_ns: int | None = None
     ) -> list[int]:
         """Journal (input_hash, label, confidence, model_version, latency_us) rows; returns their seqs."""
+        if not rows:
+            return []
         now = time.time_ns() if time_ns is None else time_ns
-        with self.transaction():
-            last = self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
-            seqs = list(range(last + 1, last + 1 + len(rows)))
-            self.conn.executemany(
-                f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(s, *row, now) for s, row in zip(seqs, rows, strict=True)],
-            )
+        # This connection is the only writer of events, so the last seq can be remembered; a
+        # rollback of the enclosing transaction forgets it.
+        try:
+            with self.transaction():
+                last = self._last_seq
+                if last is None:
+                    last = self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
+                seqs = list(range(last + 1, last + 1 + len(rows)))
+                if len(rows) == 1:
+                    self.conn.execute(
+                        f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", (seqs[0], *rows[0], now)
+                    )
+                else:
+                    self.conn.executemany(
+                        f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        [(s, *row, now) for s, row in zip(seqs, rows, strict=True)],
+                    )
+        except BaseException:
+            self._last_seq = None
+            raise
+        self._last_seq = seqs[-1]
         return seqs
 
     def last_event_seq(self) -> int:
@@ -329,8 +349,9 @@ class Journal:
 class _Transaction:
     """BEGIN IMMEDIATE ... COMMIT, re-entrant: nested uses join the outer transaction."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, on_rollback: Callable[[], None] = lambda: None) -> None:
         self.conn = conn
+        self.on_rollback = on_rollback
         self.outer = False
 
     def __enter__(self) -> sqlite3.Connection:
@@ -343,6 +364,12 @@ class _Transaction:
         if not self.outer:
             return
         if exc_type is None:
-            self.conn.execute("COMMIT")
-        elif self.conn.in_transaction:  # some errors (SQLITE_FULL) have rolled back already
+            try:
+                self.conn.execute("COMMIT")
+            except BaseException:
+                self.on_rollback()
+                raise
+            return
+        self.on_rollback()
+        if self.conn.in_transaction:  # some errors (SQLITE_FULL) have rolled back already
             self.conn.execute("ROLLBACK")

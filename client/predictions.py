@@ -39,10 +39,40 @@ def create_prediction_tables(db: sqlite_utils.Database) -> None:
 
 
 class PredictionCache:
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    """Cache rows are derived data (the events are the record), so new ones are written behind:
+    kept in memory and flushed into the table inside a later event transaction, which saves a
+    B-tree write per prediction. A crash loses only cache rows, never events."""
+
+    FLUSH_EVERY = 256
+
+    def __init__(self, conn: sqlite3.Connection, write_behind: bool = False) -> None:
         self.conn = conn
+        self.write_behind = write_behind
+        self._pending: dict[tuple[bytes, int], CachedPrediction] = {}
+        self._corrected: dict[bytes, int] = {}
+        self.reload_corrections()
+
+    def reload_corrections(self) -> None:
+        """Re-read corrections (another connection may have applied some) and fix pending rows."""
+        self._corrected = dict(self.conn.execute("SELECT input_hash, label FROM corrections").fetchall())
+        for (input_hash, version), cached in list(self._pending.items()):
+            label = self._corrected.get(input_hash)
+            if label is not None:
+                self._pending[(input_hash, version)] = CachedPrediction(label, cached.confidence, True)
+
+    def flush(self) -> None:
+        """Write pending rows; call inside a transaction (or let sqlite3 autocommit)."""
+        if self._pending:
+            self.conn.executemany(
+                "INSERT OR REPLACE INTO prediction_cache VALUES (?, ?, ?, ?, ?)",
+                [(h, v, c.label, c.confidence, int(c.corrected)) for (h, v), c in self._pending.items()],
+            )
+            self._pending.clear()
 
     def get(self, input_hash: bytes, model_version: int) -> CachedPrediction | None:
+        pending = self._pending.get((input_hash, model_version))
+        if pending is not None:
+            return pending
         row = self.conn.execute(
             "SELECT label, confidence, corrected FROM prediction_cache WHERE input_hash = ? AND model_version = ?",
             (input_hash, model_version),
@@ -50,12 +80,19 @@ class PredictionCache:
         return None if row is None else CachedPrediction(int(row[0]), float(row[1]), bool(row[2]))
 
     def put(self, input_hash: bytes, model_version: int, label: int, confidence: float, corrected: bool) -> None:
+        if self.write_behind:
+            self._pending[(input_hash, model_version)] = CachedPrediction(label, confidence, corrected)
+            if len(self._pending) >= self.FLUSH_EVERY:
+                self.flush()
+            return
         self.conn.execute(
             "INSERT OR REPLACE INTO prediction_cache VALUES (?, ?, ?, ?, ?)",
             (input_hash, model_version, label, confidence, int(corrected)),
         )
 
     def correction(self, input_hash: bytes) -> StoredCorrection | None:
+        if input_hash not in self._corrected:
+            return None
         row = self.conn.execute(
             "SELECT input_hash, label, confidence, model_version, cursor FROM corrections WHERE input_hash = ?",
             (input_hash,),
@@ -78,6 +115,7 @@ class PredictionCache:
             "UPDATE prediction_cache SET label = ?, corrected = 1 WHERE input_hash = ?",
             (correction.label, correction.input_hash),
         )
+        self._corrected[correction.input_hash] = correction.label
 
     def corrections(self) -> list[StoredCorrection]:
         rows = self.conn.execute(

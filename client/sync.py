@@ -71,9 +71,13 @@ def sync_with_retries(client: EdgeClient, address: str, *, timeout_s: float, att
 
 
 def sync_once(client: EdgeClient, address: str, *, timeout_s: float = 30.0) -> SyncReport:
-    with open_channel(address, client.tls) as channel:
-        session = _Session(client, SyncStub(channel), timeout_s)
-        return session.run()
+    client.before_sync()
+    try:
+        with open_channel(address, client.tls) as channel:
+            session = _Session(client, SyncStub(channel), timeout_s)
+            return session.run()
+    finally:
+        client.after_sync()
 
 
 class _Session:
