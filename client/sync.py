@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -54,6 +54,48 @@ class SyncReport:
     bytes_down: int = 0
     resumed_delta_bytes: int = 0
     notes: list[str] = field(default_factory=list)
+
+
+class StalledError(grpc.RpcError):
+    """A stream made no progress for the call timeout and was cancelled (retryable)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def details(self) -> str:
+        return self.message
+
+
+class _ProgressWatchdog:
+    """Calls `on_stall` when `progress()` has not been called for `timeout_s`."""
+
+    def __init__(self, timeout_s: float, on_stall: Callable[[], object]) -> None:
+        self.timeout_s = timeout_s
+        self.on_stall = on_stall
+        self.fired = False
+        self._progress = threading.Event()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def progress(self) -> None:
+        self._progress.set()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._progress.set()
+
+    def _watch(self) -> None:
+        while not self._stopped.is_set():
+            if not self._progress.wait(self.timeout_s):
+                self.fired = True
+                self.on_stall()
+                return
+            self._progress.clear()
 
 
 def _is_retryable(exc: BaseException) -> bool:
@@ -149,14 +191,23 @@ class _Session:
             finally:
                 reader.close()
 
-        responses = self.stub.PushEvents(batches(), metadata=self.metadata, timeout=self.timeout_s * 10)
+        # No overall deadline (a large backlog takes long), but a stream that makes no progress for
+        # timeout_s is cancelled: a stalled link must not hold the sync for minutes.
+        responses = self.stub.PushEvents(batches(), metadata=self.metadata)
+        watchdog = _ProgressWatchdog(self.timeout_s, responses.cancel)
         try:
             for ack in responses:
+                watchdog.progress()
                 journal.ack_events(ack.high_water)
                 self.report.events_sent += ack.accepted
                 self.report.events_duplicates += ack.duplicates
                 window.release()
+        except grpc.RpcError as exc:
+            if watchdog.fired and exc.code() == grpc.StatusCode.CANCELLED:
+                raise StalledError(f"no acknowledgement for {self.timeout_s:.0f} s: the link stalled") from None
+            raise
         finally:
+            watchdog.stop()
             stop.set()
         if not failures.empty():
             raise failures.get()

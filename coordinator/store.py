@@ -8,6 +8,7 @@ synchronous=FULL before the acknowledgement is sent.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import functools
 import itertools
 import os
@@ -129,7 +130,7 @@ class EventColumns:
     def from_rows(cls, rows: Sequence[EventRow]) -> EventColumns:
         if not all(len(row.input_hash) == INPUT_HASH_BYTES for row in rows):
             raise StoreError("invalid", f"every input hash must be {INPUT_HASH_BYTES} bytes")
-        columns = list(zip(*rows, strict=True)) if rows else [()] * 7
+        columns = list(zip(*(dataclasses.astuple(row) for row in rows), strict=True)) if rows else [()] * 7
         return cls(*(list(c) for c in columns))
 
     def slice(self, start: int) -> tuple[list, ...]:

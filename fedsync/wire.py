@@ -20,6 +20,9 @@ def channel_options() -> list[tuple[str, int]]:
     return [
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        # Each channel its own connections: a fresh sync must not inherit another channel's
+        # connection still in reconnect backoff after a cut link.
+        ("grpc.use_local_subchannel_pool", 1),
     ]
 
 
