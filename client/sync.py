@@ -149,8 +149,8 @@ class _Session:
         journal.ack_events(hello.events_high_water)
         if journal.last_event_seq() > hello.events_high_water:
             self._push_events(hello.events_high_water)
-        if journal.deltas_acked() < hello.deltas_high_water:
-            journal.ack_delta(hello.deltas_high_water, "sent")
+        for seq in range(journal.deltas_acked() + 1, hello.deltas_high_water + 1):
+            journal.ack_delta(seq, "sent")  # stored by the coordinator, ack lost (accepted or rejected there)
         self._push_deltas(hello.deltas_high_water, hello.delta_resume_offset, hello.delta_resume_sha256)
         self._pull_corrections()
         self._pull_model()

@@ -11,6 +11,7 @@ import json
 import math
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -43,13 +44,24 @@ def start_coordinator(data_dir: Path) -> Coordinator:
     return coordinator
 
 
+def stop_within(coordinator: Coordinator, seconds: float) -> bool:
+    """Coordinator.stop() with a deadline: grpcio's server.stop(grace).wait() can block forever
+    once a bidi stream received an undecodable message (see test_coordinator_stops_after_...)."""
+    stopper = threading.Thread(target=coordinator.stop, name="coordinator-stop", daemon=True)
+    stopper.start()
+    stopper.join(seconds)
+    return not stopper.is_alive()
+
+
 @pytest.fixture(scope="module")
 def coordinator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Coordinator]:
     coordinator = start_coordinator(tmp_path_factory.mktemp("coordinator"))
     try:
         yield coordinator
     finally:
-        coordinator.stop()
+        if not stop_within(coordinator, 5):
+            # Known hang (xfail test below); don't let it wedge the test session.
+            coordinator.store.close()
 
 
 @pytest.fixture(scope="module")
@@ -84,27 +96,52 @@ def f32(x: float) -> float:
     return float(np.float32(x))
 
 
-def event(
-    seq: int,
-    digest: bytes,
-    label: int = 1,
-    confidence: float = 0.5,
-    model_version: int = 1,
-    latency_us: float = 100.0,
-) -> pb.InferenceEvent:
-    return pb.InferenceEvent(
-        seq=seq,
-        input_hash=digest,
-        label=label,
-        confidence=confidence,
-        model_version=model_version,
-        latency_us=latency_us,
-        time_unix_ns=1_700_000_000_000_000_000 + seq,
+@dataclass(frozen=True)
+class Ev:
+    """One journaled inference, whatever the EventBatch layout on the wire."""
+
+    seq: int
+    input_hash: bytes
+    label: int = 1
+    confidence: float = 0.5
+    model_version: int = 1
+    latency_us: float = 100.0
+    time_ns: int = 1_700_000_000_000_000_000
+
+
+def event(seq: int, digest: bytes, **fields: object) -> Ev:
+    return Ev(seq, digest, **fields)  # type: ignore[arg-type]
+
+
+# The EventBatch went from one message an event to packed columns; build whichever is generated.
+COLUMNAR = "input_hashes" in pb.EventBatch.DESCRIPTOR.fields_by_name
+
+
+def batch(*events: Ev) -> pb.EventBatch:
+    if COLUMNAR:
+        return pb.EventBatch(
+            seq=[e.seq for e in events],
+            input_hashes=b"".join(e.input_hash for e in events),
+            labels=[e.label for e in events],
+            confidences=[e.confidence for e in events],
+            model_versions=[e.model_version for e in events],
+            latencies_us=[e.latency_us for e in events],
+            times_unix_ns=[e.time_ns for e in events],
+        )
+    return pb.EventBatch(
+        events=[
+            Ev(
+                seq=e.seq,
+                input_hash=e.input_hash,
+                label=e.label,
+                confidence=e.confidence,
+                model_version=e.model_version,
+                latency_us=e.latency_us,
+                time_unix_ns=e.time_ns,
+            )
+            for e in events
+        ]
     )
-
-
-def batch(*events: pb.InferenceEvent) -> pb.EventBatch:
-    return pb.EventBatch(events=list(events))
 
 
 def push_events(stub: SyncStub, device: str, *batches: pb.EventBatch) -> tuple[list[pb.EventAck], grpc.RpcError | None]:
@@ -145,7 +182,7 @@ def stored_events(coordinator: Coordinator, device: str) -> list[tuple]:
     ).fetchall()
 
 
-def as_rows(events: Iterable[pb.InferenceEvent]) -> list[tuple]:
+def as_rows(events: Iterable[Ev]) -> list[tuple]:
     return [(e.seq, e.input_hash, e.label, f32(e.confidence), e.model_version) for e in events]
 
 
@@ -158,7 +195,7 @@ def assert_still_serving(stub: SyncStub) -> None:
     assert [(a.high_water, a.accepted, a.duplicates) for a in acks] == [(1, 1, 0)]
 
 
-def with_accepted_events(stub: SyncStub, coordinator: Coordinator, prefix: str) -> tuple[str, list[pb.InferenceEvent]]:
+def with_accepted_events(stub: SyncStub, coordinator: Coordinator, prefix: str) -> tuple[str, list[Ev]]:
     """A fresh device with events 1 and 2 committed."""
     device = new_device(prefix)
     accepted = [event(1, input_hash(device, 1), label=2), event(2, input_hash(device, 2), label=3, confidence=0.75)]
@@ -169,7 +206,7 @@ def with_accepted_events(stub: SyncStub, coordinator: Coordinator, prefix: str) 
 
 
 def assert_events_intact(
-    stub: SyncStub, coordinator: Coordinator, device: str, accepted: list[pb.InferenceEvent], total_before: int
+    stub: SyncStub, coordinator: Coordinator, device: str, accepted: list[Ev], total_before: int
 ) -> None:
     assert hello(stub, device).events_high_water == len(accepted)
     assert stored_events(coordinator, device) == as_rows(accepted)
@@ -262,9 +299,7 @@ def test_push_events_malformed_content_is_invalid_argument(stub: SyncStub, coord
     device, accepted = with_accepted_events(stub, coordinator, f"ev-{case}")
     total = coordinator.store.counts()["events"]
 
-    bad = event(5, input_hash(device, 5))
-    for field, value in changes.items():
-        setattr(bad, field, value)
+    bad = replace(event(5, input_hash(device, 5)), **changes)
     # A good batch then, on the same stream, one whose *second* event is bad: the good batch is
     # acknowledged, the bad one refused as a whole (its valid first event is not committed either).
     good = event(3, input_hash(device, 3))
@@ -276,6 +311,26 @@ def test_push_events_malformed_content_is_invalid_argument(stub: SyncStub, coord
     # The device itself goes on from its mark, and so does everyone else.
     acks, error = push_events(stub, device, batch(event(4, input_hash(device, 4))))
     assert error is None and acks[0].high_water == 4
+    assert_still_serving(stub)
+
+
+RAGGED = ["seq", "input_hashes", "labels", "confidences", "model_versions", "latencies_us", "times_unix_ns"]
+
+
+@pytest.mark.skipif(not COLUMNAR, reason="only a columnar EventBatch can have ragged columns")
+@pytest.mark.parametrize("column", RAGGED, ids=RAGGED)
+def test_push_events_ragged_columns_are_invalid_argument(stub: SyncStub, coordinator: Coordinator, column: str) -> None:
+    device, accepted = with_accepted_events(stub, coordinator, f"ev-ragged-{column}")
+    total = coordinator.store.counts()["events"]
+    ragged = batch(event(3, input_hash(device, 3)), event(4, input_hash(device, 4)))
+    if column == "input_hashes":
+        ragged.input_hashes = ragged.input_hashes[:-1]
+    else:
+        del getattr(ragged, column)[-1]
+    acks, error = push_events(stub, device, ragged)
+    assert acks == []
+    assert_status(error, Code.INVALID_ARGUMENT, "input_hashes" if column in ("input_hashes", "seq") else "column")
+    assert_events_intact(stub, coordinator, device, accepted, total)
     assert_still_serving(stub)
 
 
@@ -297,18 +352,18 @@ def test_push_events_gap_is_failed_precondition(stub: SyncStub, coordinator: Coo
     total = coordinator.store.counts()["events"]
     acks, error = push_events(stub, device, batch(event(4, input_hash(device, 4)), event(5, input_hash(device, 5))))
     assert acks == []
-    assert_status(error, Code.FAILED_PRECONDITION, "sequence gap", "expected event 3", "got 4")
+    assert_status(error, Code.FAILED_PRECONDITION, "sequence gap", "expected event 3")
     assert_events_intact(stub, coordinator, device, accepted, total)
 
     # A gap inside a batch that starts correctly is refused too, as a whole.
     acks, error = push_events(stub, device, batch(event(3, input_hash(device, 3)), event(5, input_hash(device, 5))))
-    assert_status(error, Code.FAILED_PRECONDITION, "sequence gap", "expected event 4", "got 5")
+    assert_status(error, Code.FAILED_PRECONDITION, "sequence gap", "expected event 4")
     assert_events_intact(stub, coordinator, device, accepted, total)
 
     # A brand-new device must start at 1.
     fresh = new_device("ev-gap-fresh")
     acks, error = push_events(stub, fresh, batch(event(2, input_hash(fresh, 2))))
-    assert_status(error, Code.FAILED_PRECONDITION, "expected event 1", "got 2")
+    assert_status(error, Code.FAILED_PRECONDITION, "sequence gap", "expected event 1")
     assert hello(stub, fresh).events_high_water == 0
     assert_still_serving(stub)
 
@@ -323,10 +378,7 @@ def test_push_events_replay_with_different_content_is_failed_precondition(
 ) -> None:
     device, accepted = with_accepted_events(stub, coordinator, "ev-replay-diff")
     total = coordinator.store.counts()["events"]
-    forged = pb.InferenceEvent()
-    forged.CopyFrom(accepted[1])
-    for field, value in change.items():
-        setattr(forged, field, value)
+    forged = replace(accepted[1], **change)
     # Replayed alone, and replayed ahead of a fresh event (which must then not be committed either).
     for events in ([forged], [accepted[0], forged, event(3, input_hash(device, 3))]):
         acks, error = push_events(stub, device, batch(*events))
@@ -412,10 +464,18 @@ def deltas_high_water(stub: SyncStub, device: str) -> int:
     return hello(stub, device).deltas_high_water
 
 
-def delta_rows(coordinator: Coordinator, device: str) -> list[tuple]:
-    return coordinator.store.conn.execute(
-        "SELECT seq, status, payload IS NULL FROM deltas WHERE device_id = ? ORDER BY seq", (device,)
+def delta_rows(coordinator: Coordinator, device: str) -> list[tuple[int, str, bool]]:
+    """(seq, status, whether its payload is kept) for each delta the device stored."""
+    rows = coordinator.store.conn.execute(
+        "SELECT seq, status FROM deltas WHERE device_id = ? ORDER BY seq", (device,)
     ).fetchall()
+    kept = {d.seq for d in coordinator.store.iter_deltas([(device, seq) for seq, _ in rows])}
+    return [(seq, status, seq in kept) for seq, status in rows]
+
+
+def stored_payload(coordinator: Coordinator, device: str, seq: int) -> bytes:
+    (delta,) = coordinator.store.iter_deltas([(device, seq)])
+    return bytes(delta.payload)
 
 
 def test_push_delta_valid_then_duplicate_then_forged(stub: SyncStub, coordinator: Coordinator) -> None:
@@ -426,7 +486,7 @@ def test_push_delta_valid_then_duplicate_then_forged(stub: SyncStub, coordinator
     ack = push_delta(stub, device, delta_chunks(header, payload))
     assert (ack.seq, ack.status, ack.deltas_high_water) == (1, pb.DeltaAck.ACCEPTED, 1)
     assert coordinator.store.counts()["deltas_buffered"] == buffered + 1
-    stored = next(coordinator.store.iter_deltas([(device, 1)]))
+    (stored,) = coordinator.store.iter_deltas([(device, 1)])
     assert bytes(stored.payload) == payload and stored.num_examples == 16 and stored.base_version == 1
 
     # A retransmission (say the ack was lost) is acknowledged again and changes nothing.
@@ -443,8 +503,8 @@ def test_push_delta_valid_then_duplicate_then_forged(stub: SyncStub, coordinator
         "delta 1",
         "different content",
     )
-    assert bytes(next(coordinator.store.iter_deltas([(device, 1)])).payload) == payload
-    assert delta_rows(coordinator, device) == [(1, "buffered", 0)]
+    assert stored_payload(coordinator, device, 1) == payload
+    assert delta_rows(coordinator, device) == [(1, "buffered", True)]
 
     # The device goes on with 2.
     header2, payload2 = delta_header(2, small_delta(coordinator, 2))
@@ -460,7 +520,7 @@ def test_push_delta_covering_part_of_the_model_is_accepted(stub: SyncStub, coord
     header, payload = delta_header(1, {name: tensors[name] for name in ("head/kernel", "head/bias")})
     ack = push_delta(stub, device, delta_chunks(header, payload))
     assert (ack.status, ack.deltas_high_water) == (pb.DeltaAck.ACCEPTED, 1)
-    assert delta_rows(coordinator, device) == [(1, "buffered", 0)]
+    assert delta_rows(coordinator, device) == [(1, "buffered", True)]
 
 
 def test_push_delta_first_chunk_must_be_the_header(stub: SyncStub, coordinator: Coordinator) -> None:
@@ -488,23 +548,102 @@ def test_push_delta_first_chunk_must_be_the_header(stub: SyncStub, coordinator: 
     assert_still_serving(stub)
 
 
-@pytest.mark.parametrize(
-    ("size_change", "words"),
-    [(-1, ["longer than its header says"]), (+1, ["ended after", "bytes"]), (+100_000, ["ended after"])],
-    ids=["longer-than-header", "shorter-by-1", "shorter-by-100000"],
-)
-def test_push_delta_payload_length_mismatch_is_invalid_argument(
-    stub: SyncStub, coordinator: Coordinator, size_change: int, words: list[str]
-) -> None:
-    device = new_device("delta-length")
+def resume_point(stub: SyncStub, device: str) -> tuple[int, bytes]:
+    response = hello(stub, device)
+    return response.delta_resume_offset, response.delta_resume_sha256
+
+
+def test_push_delta_longer_than_its_header_is_invalid_argument(stub: SyncStub, coordinator: Coordinator) -> None:
+    device = new_device("delta-longer")
     header, payload = delta_header(1, small_delta(coordinator, 4))
     wrong = pb.DeltaHeader()
     wrong.CopyFrom(header)
-    wrong.payload_size = len(payload) + size_change
-    expect_status(lambda: push_delta(stub, device, delta_chunks(wrong, payload)), Code.INVALID_ARGUMENT, *words)
-    # Nothing was recorded: the mark did not move and the correct delta is still welcome.
+    wrong.payload_size = len(payload) - 1
+    expect_status(
+        lambda: push_delta(stub, device, delta_chunks(wrong, payload)),
+        Code.INVALID_ARGUMENT,
+        "longer than its header says",
+    )
+    # Nothing was kept, not even a partial upload to resume; the correct delta is welcome.
     assert deltas_high_water(stub, device) == 0 and delta_rows(coordinator, device) == []
+    assert resume_point(stub, device) == (0, b"")
     assert push_delta(stub, device, delta_chunks(header, payload)).status == pb.DeltaAck.ACCEPTED
+    assert_still_serving(stub)
+
+
+@pytest.mark.parametrize("missing", [1, 100_000], ids=["by-1", "by-100000"])
+def test_push_delta_shorter_than_its_header_is_invalid_argument(
+    stub: SyncStub, coordinator: Coordinator, missing: int
+) -> None:
+    device = new_device("delta-shorter")
+    header, payload = delta_header(1, small_delta(coordinator, 4))
+    wrong = pb.DeltaHeader()
+    wrong.CopyFrom(header)
+    wrong.payload_size = len(payload) + missing
+    expect_status(
+        lambda: push_delta(stub, device, delta_chunks(wrong, payload)),
+        Code.INVALID_ARGUMENT,
+        f"ended after {len(payload)} of {len(payload) + missing} bytes",
+    )
+    assert deltas_high_water(stub, device) == 0 and delta_rows(coordinator, device) == []
+    # Starting over at offset 0 with the right header replaces the partial upload.
+    assert push_delta(stub, device, delta_chunks(header, payload)).status == pb.DeltaAck.ACCEPTED
+    assert resume_point(stub, device) == (0, b"")
+    assert_still_serving(stub)
+
+
+def test_push_delta_cut_upload_resumes_at_the_reported_offset(stub: SyncStub, coordinator: Coordinator) -> None:
+    device = new_device("delta-resume")
+    header, payload = delta_header(1, small_delta(coordinator, 13))
+    chunks = delta_chunks(header, payload, chunk_bytes=1024)
+    cut = 3  # header + 2 chunks arrive, then the stream ends early
+    expect_status(
+        lambda: push_delta(stub, device, chunks[:cut]), Code.INVALID_ARGUMENT, "ended after 2048", "resume at 2048"
+    )
+    assert resume_point(stub, device) == (2048, header.payload_sha256)
+    assert deltas_high_water(stub, device) == 0
+
+    # Resuming past what arrived, or a resume point for other content, is refused...
+    ahead = pb.DeltaHeader()
+    ahead.CopyFrom(header)
+    ahead.offset = 4096
+    expect_status(
+        lambda: push_delta(stub, device, [pb.DeltaChunk(header=ahead), pb.DeltaChunk(data=payload[4096:])]),
+        Code.FAILED_PRECONDITION,
+        "cannot resume at byte 4096",
+        "start again at offset 0",
+    )
+    other, other_payload = delta_header(1, small_delta(coordinator, 14))
+    other.offset = 2048
+    expect_status(
+        lambda: push_delta(stub, device, [pb.DeltaChunk(header=other), pb.DeltaChunk(data=other_payload[2048:])]),
+        Code.FAILED_PRECONDITION,
+        "no partial upload of delta 1",
+        "start again at offset 0",
+    )
+    # ...and leaves the partial upload alone: resuming where Hello says completes the delta.
+    assert resume_point(stub, device) == (2048, header.payload_sha256)
+    resumed = pb.DeltaHeader()
+    resumed.CopyFrom(header)
+    resumed.offset = 2048
+    ack = push_delta(stub, device, delta_chunks(resumed, payload[2048:], chunk_bytes=1000))
+    assert (ack.status, ack.deltas_high_water) == (pb.DeltaAck.ACCEPTED, 1)
+    assert stored_payload(coordinator, device, 1) == payload
+    assert resume_point(stub, device) == (0, b"")
+
+
+def test_push_delta_resume_without_a_partial_upload_is_failed_precondition(
+    stub: SyncStub, coordinator: Coordinator
+) -> None:
+    device = new_device("delta-no-partial")
+    header, payload = delta_header(1, small_delta(coordinator, 15))
+    header.offset = 10
+    expect_status(
+        lambda: push_delta(stub, device, delta_chunks(header, payload[10:])),
+        Code.FAILED_PRECONDITION,
+        "start again at offset 0",
+    )
+    assert deltas_high_water(stub, device) == 0 and delta_rows(coordinator, device) == []
     assert_still_serving(stub)
 
 
@@ -514,13 +653,28 @@ def test_push_delta_sha256_mismatch_is_data_loss(stub: SyncStub, coordinator: Co
     corrupted = bytearray(payload)
     corrupted[len(corrupted) // 2] ^= 0x01  # one bit flipped in transit
     expect_status(lambda: push_delta(stub, device, delta_chunks(header, bytes(corrupted))), Code.DATA_LOSS, "sha256")
-    bad_digest = pb.DeltaHeader()
-    bad_digest.CopyFrom(header)
-    bad_digest.payload_sha256 = b""
-    expect_status(lambda: push_delta(stub, device, delta_chunks(bad_digest, payload)), Code.DATA_LOSS, "sha256")
+    assert resume_point(stub, device) == (0, b"")  # a corrupt upload is not kept for resuming
+    wrong_digest = pb.DeltaHeader()
+    wrong_digest.CopyFrom(header)
+    wrong_digest.payload_sha256 = hashlib.sha256(b"something else").digest()
+    expect_status(lambda: push_delta(stub, device, delta_chunks(wrong_digest, payload)), Code.DATA_LOSS, "sha256")
     assert deltas_high_water(stub, device) == 0 and delta_rows(coordinator, device) == []
     # Retransmitted intact, it is accepted.
     assert push_delta(stub, device, delta_chunks(header, payload)).status == pb.DeltaAck.ACCEPTED
+    assert_still_serving(stub)
+
+
+@pytest.mark.parametrize("digest", [b"", bytes(31), bytes(33)], ids=["empty", "31-bytes", "33-bytes"])
+def test_push_delta_malformed_sha256_is_invalid_argument(
+    stub: SyncStub, coordinator: Coordinator, digest: bytes
+) -> None:
+    device = new_device("delta-sha-len")
+    header, payload = delta_header(1, small_delta(coordinator, 5))
+    header.payload_sha256 = digest
+    expect_status(
+        lambda: push_delta(stub, device, delta_chunks(header, payload)), Code.INVALID_ARGUMENT, "payload_sha256", "32"
+    )
+    assert deltas_high_water(stub, device) == 0 and delta_rows(coordinator, device) == []
     assert_still_serving(stub)
 
 
@@ -559,7 +713,7 @@ def test_push_delta_sequence_gap_is_failed_precondition(stub: SyncStub, coordina
         "expected delta 2",
         "got 3",
     )
-    assert deltas_high_water(stub, device) == 1 and delta_rows(coordinator, device) == [(1, "buffered", 0)]
+    assert deltas_high_water(stub, device) == 1 and delta_rows(coordinator, device) == [(1, "buffered", True)]
     assert_still_serving(stub)
 
 
@@ -613,7 +767,7 @@ def test_push_delta_bad_content_is_invalid_argument_and_recorded(
     )
     # The refusal is durable: the mark moved past it, the row says rejected and keeps no payload...
     assert deltas_high_water(stub, device) == 1
-    assert delta_rows(coordinator, device) == [(1, "rejected", 1)]
+    assert delta_rows(coordinator, device) == [(1, "rejected", False)]
     assert coordinator.store.counts()["deltas_rejected"] == rejected_before + 1
     status, reason, digest = coordinator.store.delta_status(device, 1)
     assert (status, digest) == ("rejected", header.payload_sha256)
@@ -835,24 +989,24 @@ def test_server_still_serves_after_fuzzing(stub: SyncStub, coordinator: Coordina
 _u64 = st.integers(0, INT64_MAX)
 _floats = st.floats(width=32, allow_nan=True, allow_infinity=True)
 _events = st.builds(
-    pb.InferenceEvent,
+    Ev,
     seq=st.integers(0, 4),
     input_hash=st.one_of(st.binary(min_size=32, max_size=32), st.binary(max_size=40)),
     label=st.integers(0, 12),
     confidence=_floats,
     model_version=_u64,
     latency_us=st.floats(width=32, allow_nan=False),
-    time_unix_ns=st.integers(-(2**63), INT64_MAX),
+    time_ns=st.integers(-(2**63), INT64_MAX),
 )
 
 
 @settings(max_examples=100, deadline=None, derandomize=True, database=None)
 @given(batches=st.lists(st.lists(_events, max_size=4), max_size=3))
 def test_fuzz_event_batches_keep_the_store_consistent(
-    stub: SyncStub, coordinator: Coordinator, batches: list[list[pb.InferenceEvent]]
+    stub: SyncStub, coordinator: Coordinator, batches: list[list[Ev]]
 ) -> None:
     device = new_device("fuzz-ev")
-    acks, error = push_events(stub, device, *(pb.EventBatch(events=b) for b in batches))
+    acks, error = push_events(stub, device, *(batch(*b) for b in batches))
     assert_handled(error)
     if error is not None:
         assert error.code() in {Code.INVALID_ARGUMENT, Code.FAILED_PRECONDITION}, error.details()
@@ -886,6 +1040,7 @@ _tensor_specs = st.lists(
     train_loss=st.floats(width=32, allow_nan=False),
     right_digest=st.booleans(),
     declared_size=st.one_of(st.none(), st.integers(0, 700)),
+    offset=st.one_of(st.just(0), st.integers(0, 700)),
 )
 def test_fuzz_delta_headers_and_payloads_keep_the_store_consistent(
     stub: SyncStub,
@@ -899,6 +1054,7 @@ def test_fuzz_delta_headers_and_payloads_keep_the_store_consistent(
     train_loss: float,
     right_digest: bool,
     declared_size: int | None,
+    offset: int,
 ) -> None:
     device = new_device("fuzz-delta")
     header = pb.DeltaHeader(
@@ -910,6 +1066,7 @@ def test_fuzz_delta_headers_and_payloads_keep_the_store_consistent(
         payload_size=len(payload) if declared_size is None else declared_size,
         payload_sha256=hashlib.sha256(payload).digest() if right_digest else b"\x00" * 32,
         train_loss=train_loss,
+        offset=offset,
     )
     error = None
     try:
@@ -967,7 +1124,7 @@ def test_push_events_unstorable_numbers_are_invalid_argument(
 @pytest.mark.parametrize(
     ("change", "words"),
     [
-        (dict(base_version=2**63), ["newer than the current version"]),
+        (dict(base_version=2**63), ["base_version"]),
         (dict(num_examples=2**63), ["num_examples"]),
         (dict(train_loss=math.nan), ["train_loss"]),
     ],
@@ -1023,4 +1180,18 @@ def test_concurrent_devices_all_commit(tmp_path: Path) -> None:
                 response = hello(stub, device)
                 assert (response.events_high_water, response.deltas_high_water) == (3, 3)
     finally:
-        coordinator.stop()
+        stop_within(coordinator, 10)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="grpcio 1.85.1: after a bidi stream (PushEvents) gets an undecodable message, server.stop(grace).wait() "
+    "never returns about half the time, and Coordinator.stop() waits on it without a deadline",
+)
+def test_coordinator_stops_after_undecodable_event_streams(tmp_path: Path) -> None:
+    coordinator = start_coordinator(tmp_path / "coordinator")
+    with grpc.insecure_channel(coordinator.address, options=channel_options()) as channel:
+        for i in range(20):  # each stream has about even odds of wedging the shutdown
+            assert_handled(call_raw(channel, "PushEvents", [b"\xff"], f"undecodable-{i}"))
+        assert_still_serving(SyncStub(channel))
+    assert stop_within(coordinator, 6), "Coordinator.stop() did not return"
