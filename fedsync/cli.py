@@ -185,7 +185,7 @@ def _certs(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from fedsync.sim.runner import SimulationConfig, SimulationConfigError, run_simulation
+    from fedsync.sim.runner import SimulationConfig, SimulationConfigError
 
     report_path = _writable_file(args.report) if args.report else None
     config = SimulationConfig(
@@ -209,49 +209,35 @@ def _simulate(args: argparse.Namespace) -> int:
     except SimulationConfigError as exc:
         raise CommandError(str(exc)) from None
     from rich.console import Console
-    from rich.table import Table
 
+    from fedsync.sim.console import compare_variants, run_with_console
+
+    configs = {"fedsync": config}
+    if args.compare:
+        configs = compare_variants(config, [item.strip() for item in args.compare.split(",") if item.strip()])
+        for variant in configs.values():
+            try:
+                variant.validate()
+            except SimulationConfigError as exc:
+                raise CommandError(f"--compare: {exc}") from None
+    plot_path = _writable_file(args.plot) if args.plot else None
+    if plot_path is None and args.compare:
+        plot_path = Path(args.data_dir) / "compare.png"
     console = Console(soft_wrap=True)
-    console.print(
-        f"[bold]fedsync simulate[/]: {config.devices} devices, {config.rounds} rounds, {config.aggregation} "
-        f"aggregation, {config.partition} partition, seed {config.seed}"
-    )
-    table = Table("round", "online", "version", "accuracy", "events synced", "deltas", "corrections", "seconds")
-
-    def on_round(r: object) -> None:
-        console.print(
-            f"  round {r.round:>3}: {r.online:>4} online, version {r.version:>3}, accuracy {r.accuracy:.3f}, "  # type: ignore[attr-defined]
-            f"{r.events_synced} events, {r.deltas_synced} deltas, {r.corrections_applied} corrections"  # type: ignore[attr-defined]
-        )
-        table.add_row(
-            str(r.round),
-            str(r.online),
-            str(r.version),
-            f"{r.accuracy:.3f}",  # type: ignore[attr-defined]
-            str(r.events_synced),
-            str(r.deltas_synced),
-            str(r.corrections_applied),
-            f"{r.wall_s:.1f}",  # type: ignore[attr-defined]
-        )
-
-    report = run_simulation(config, on_round=on_round)
-    versions = Table("version", "deltas", "accuracy", title="Global model versions")
-    for v in report.versions:
-        versions.add_row(str(v["version"]), str(v["deltas"]), f"{v['accuracy']:.3f}")
-    console.print(versions)
-    console.print(
-        f"events journaled {report.events_journaled}, synced {report.events_synced}; "
-        f"deltas synced {report.deltas_synced} (rejected {report.deltas_rejected}); "
-        f"conflicts resolved {report.conflicts_resolved}; corrections applied {report.corrections_applied}"
-    )
-    console.print(
-        f"[bold]final version {report.final_version}: accuracy {report.final_accuracy:.3f}[/] "
-        f"on the digits test split, in {report.wall_s:.1f} s"
-    )
+    reports = run_with_console(configs, console)
     if report_path is not None:
         report_path.parent.mkdir(parents=True, exist_ok=True)
-        report_path.write_text(report.to_json())
+        if args.compare:
+            payload = "{" + ",".join(f"{json.dumps(n)}: {r.to_json()}" for n, r in reports.items()) + "}"
+            report_path.write_text(json.dumps(json.loads(payload), indent=1))
+        else:
+            report_path.write_text(reports["fedsync"].to_json())
         console.print(f"report written to {report_path}")
+    if plot_path is not None:
+        from fedsync.sim.plots import plot_accuracy
+
+        title = f"{config.devices} devices, {config.partition} partition, online p={config.online_probability}"
+        console.print(f"plot written to {plot_accuracy(reports, plot_path, title)}")
     return 0
 
 
@@ -421,6 +407,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--local-training", choices=["keras", "head"], default="keras",
         help="keras: whole model (TensorFlow); head: the LiteRT trainable head, light enough for large fleets",
     )  # fmt: skip
+    sim.add_argument(
+        "--compare", default=None, help="run several configurations on the same fleet and seed, e.g. sync,async "
+        "or float32,int8 or keras,head; plots them together",
+    )  # fmt: skip
+    sim.add_argument("--plot", default=None, help="write a PNG of accuracy over time and versions here")
     sim.add_argument("--lr", type=float, default=None, help="local learning rate (default 0.1 keras, 0.5 head)")
     sim.set_defaults(run=_simulate)
 

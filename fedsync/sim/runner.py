@@ -10,6 +10,7 @@ download it; synchronous FedAvg publishes once per round from that round's delta
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -107,9 +108,30 @@ class SimulationReport:
     final_version: int = 0
     final_accuracy: float = 0.0
     wall_s: float = 0.0
+    accuracy_over_time: list[dict[str, float]] = field(default_factory=list)  # wall_s, version, accuracy
+    staleness_histogram: dict[str, int] = field(default_factory=dict)
+    resolved_label_accuracy: float | None = None  # on disputed inputs: the coordinator's resolved label
+    single_device_accuracy: float | None = None  # on the same inputs: each device's own prediction
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, default=str)
+
+
+def _resolution_accuracy(coordinator: object, truth: dict[bytes, int], report: SimulationReport) -> None:
+    """How often the resolved label of a disputed input is right, against single devices' predictions."""
+    conn = coordinator.store.conn  # type: ignore[attr-defined]
+    resolved = conn.execute("SELECT input_hash, label FROM resolutions").fetchall()
+    scored = [(truth[bytes(h)], label) for h, label in resolved if bytes(h) in truth]
+    if not scored:
+        return
+    report.resolved_label_accuracy = sum(t == label for t, label in scored) / len(scored)
+    disputed = {bytes(h) for h, _ in resolved}
+    singles = [
+        (truth[bytes(h)], label)
+        for h, label in conn.execute("SELECT input_hash, label FROM events")
+        if bytes(h) in disputed and bytes(h) in truth
+    ]
+    report.single_device_accuracy = sum(t == label for t, label in singles) / len(singles)
 
 
 def _strategy(config: SimulationConfig):
@@ -129,8 +151,20 @@ def _strategy(config: SimulationConfig):
     return Strategy.fedbuff(buffer_size=buffer, max_staleness=config.max_staleness)
 
 
+@dataclass(frozen=True)
+class ProgressTick:
+    round: int
+    synced: int  # devices synced so far this round
+    online: int
+    version: int
+    accuracy: float
+    events_synced: int  # in the whole run so far
+
+
 def run_simulation(
-    config: SimulationConfig, on_round: Callable[[RoundFigures], None] | None = None
+    config: SimulationConfig,
+    on_round: Callable[[RoundFigures], None] | None = None,
+    on_progress: Callable[[ProgressTick], None] | None = None,
 ) -> SimulationReport:
     config.validate()
     from client import Durability, EdgeClient
@@ -169,6 +203,22 @@ def run_simulation(
         for i in range(config.devices)
     ]
     trained_on: dict[int, int] = {}
+    truth = {
+        hashlib.sha256(x.tobytes()).digest(): int(y) for shard in shards for x, y in zip(shard.x, shard.y, strict=True)
+    }
+
+    def record_version() -> None:
+        manifest = coordinator.aggregator.current_manifest()
+        if not report.accuracy_over_time or report.accuracy_over_time[-1]["version"] != manifest.version:
+            report.accuracy_over_time.append(
+                {
+                    "wall_s": time.perf_counter() - started,
+                    "version": manifest.version,
+                    "accuracy": manifest.metrics.get("accuracy", 0.0),
+                }
+            )
+
+    record_version()
     try:
         for round_index in range(config.rounds):
             round_start = time.perf_counter()
@@ -195,7 +245,7 @@ def run_simulation(
                     trained_on[i] = client.model_version
             online = [i for i in range(config.devices) if schedules[i].is_online(t)]
             figures.online = len(online)
-            for i in rng.permutation(online):
+            for done, i in enumerate(rng.permutation(online), start=1):
                 sync = clients[int(i)].sync(coordinator.address, timeout_s=60.0)
                 figures.events_synced += sync.events_sent
                 figures.deltas_synced += sync.deltas_sent
@@ -203,10 +253,22 @@ def run_simulation(
                 report.deltas_rejected += sync.deltas_rejected
                 report.bytes_up += sync.bytes_up
                 report.bytes_down += sync.bytes_down
-                if config.aggregation == "async":
-                    coordinator.aggregate_now(force=False)
-            if config.aggregation == "sync":
-                coordinator.aggregate_now(force=True)
+                if config.aggregation == "async" and coordinator.aggregate_now(force=False) is not None:
+                    record_version()
+                if on_progress is not None:
+                    latest = report.accuracy_over_time[-1]
+                    on_progress(
+                        ProgressTick(
+                            round_index + 1,
+                            done,
+                            len(online),
+                            int(latest["version"]),
+                            latest["accuracy"],
+                            report.events_synced + figures.events_synced,
+                        )
+                    )
+            if config.aggregation == "sync" and coordinator.aggregate_now(force=True) is not None:
+                record_version()
             manifest = coordinator.aggregator.current_manifest()
             figures.version = manifest.version
             figures.accuracy = manifest.metrics.get("accuracy", 0.0)
@@ -223,6 +285,13 @@ def run_simulation(
         ]
         counts = coordinator.store.counts()
         report.conflicts_resolved = counts["conflicts_resolved"]
+        report.staleness_histogram = {
+            str(staleness): count
+            for staleness, count in coordinator.store.conn.execute(
+                "SELECT staleness, COUNT(*) FROM deltas WHERE status = 'aggregated' GROUP BY staleness ORDER BY 1"
+            )
+        }
+        _resolution_accuracy(coordinator, truth, report)
         report.final_version = coordinator.version
         report.final_accuracy = report.versions[-1]["accuracy"]
     finally:
