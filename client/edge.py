@@ -22,7 +22,7 @@ from client.model_store import ModelStore
 from client.predictions import PredictionCache, create_prediction_tables
 from client.process_stats import process_start_unix, resident_memory_mb
 from client.sync import SyncReport, sync_with_retries
-from fedsync.manifest import KERAS, TFLITE_FLOAT32, TFLITE_INT8, TFLITE_TRAINABLE_HEAD, Manifest
+from fedsync.manifest import KERAS, TFLITE_FLOAT32, TFLITE_INT8, TFLITE_TRAINABLE, TFLITE_TRAINABLE_HEAD, Manifest
 from fedsync.wire import ClientTLS
 
 if TYPE_CHECKING:
@@ -42,9 +42,9 @@ class Classifier(Protocol):
     def predict_proba(self, x: np.ndarray) -> np.ndarray: ...
 
 
-# "keras": whole-model fine-tuning with TensorFlow. "head": the trainable softmax head in LiteRT,
-# no TensorFlow. None: inference only.
-FINE_TUNING_PROFILES = ("keras", "head", None)
+# "keras": whole-model fine-tuning with TensorFlow. "litert": the whole model in LiteRT (hand-written
+# backprop, no TensorFlow). "head": only the softmax head in LiteRT. None: inference only.
+FINE_TUNING_PROFILES = ("keras", "litert", "head", None)
 HEAD_VARIABLES = {"head_kernel": "head/kernel", "head_bias": "head/bias"}
 
 
@@ -149,7 +149,12 @@ class EdgeClient:
             self._serving = None
 
     def wanted_artifact_kinds(self) -> list[str]:
-        training = {"keras": [KERAS], "head": [TFLITE_TRAINABLE_HEAD], None: []}[self.fine_tuning]
+        training = {
+            "keras": [KERAS],
+            "litert": [TFLITE_TRAINABLE],
+            "head": [TFLITE_TRAINABLE_HEAD],
+            None: [],
+        }[self.fine_tuning]
         return [self.inference_kind, *training]
 
     def _classifier(self) -> tuple[Classifier, int]:
@@ -265,7 +270,7 @@ class EdgeClient:
                 raise ValueError(f"labels must be in 0..{len(manifest.labels) - 1}")
             if self.fine_tuning is None:
                 raise NoModelError("this client was created without a fine-tuning profile")
-            kind = KERAS if self.fine_tuning == "keras" else TFLITE_TRAINABLE_HEAD
+            kind = {"keras": KERAS, "litert": TFLITE_TRAINABLE, "head": TFLITE_TRAINABLE_HEAD}[self.fine_tuning]
             artifact = manifest.artifact(kind)
             path = self.models.artifact_path(kind)
             if artifact is None or path is None:
@@ -275,9 +280,24 @@ class EdgeClient:
 
                 result = keras_trainer.fine_tune(path, artifact.sha256, x, y, epochs, batch_size, learning_rate, seed)
                 delta, loss = result.delta, result.loss
+            elif self.fine_tuning == "litert":
+                delta, loss = self._fine_tune_litert(path, x, y, epochs, batch_size, learning_rate, seed)
             else:
                 delta, loss = self._fine_tune_head(path, x, y, epochs, batch_size, learning_rate, seed)
             return self._journal_delta(manifest.version, delta, len(x), loss, codec)
+
+    @staticmethod
+    def _fine_tune_litert(
+        path: Path, x: np.ndarray, y: np.ndarray, epochs: int, batch_size: int, learning_rate: float, seed: int
+    ) -> tuple[dict[str, np.ndarray], float]:
+        """Lean profile for the whole model: LiteRT training signatures, no TensorFlow."""
+        from client.litert_runtime import LiteRTTrainer
+
+        trainer = LiteRTTrainer(path)
+        base = trainer.get_weights()
+        losses = trainer.fit(x, y, lr=learning_rate, epochs=epochs, batch_size=batch_size, seed=seed)
+        trained = trainer.get_weights()
+        return {name: (trained[name] - base[name]).astype(np.float32) for name in base}, float(losses[-1])
 
     @staticmethod
     def _fine_tune_head(

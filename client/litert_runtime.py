@@ -7,6 +7,8 @@ coordinator by :mod:`fedsync.tflite_export`:
 * :class:`LiteRTClassifier` -- a float32 or int8 classifier (``[n, 64] -> [n, 10]``).
 * :class:`LiteRTHeadTrainer` -- the trainable-head model with ``infer`` / ``train`` /
   ``get_weights`` / ``set_weights`` signatures (on-device fine-tuning of the softmax head).
+* :class:`LiteRTTrainer` -- the trainable whole-model MLP with the same signatures
+  (on-device training of both layers; weights keyed like ``fedsync.model.get_weights``).
 
 Inputs are validated by :func:`check_input` (preprocessed digits: 64 float32 pixels scaled
 to [0, 1]). Corrupt or unexpected model files raise :class:`ModelFormatError`; bad inputs
@@ -29,21 +31,33 @@ __all__ = [
     "InputError",
     "LiteRTClassifier",
     "LiteRTHeadTrainer",
+    "LiteRTTrainer",
     "ModelFormatError",
     "check_input",
 ]
 
 NUM_FEATURES = 64
 
-# Signature / tensor names of the trainable-head model (kept in sync with
+# Signature / tensor names of the trainable models (kept in sync with
 # fedsync.tflite_export, which this module must not import).
-_HEAD_SIGNATURES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
-    "infer": (frozenset({"x"}), frozenset({"probs"})),
-    "train": (frozenset({"x", "y", "lr"}), frozenset({"loss"})),
-    "get_weights": (frozenset(), frozenset({"head_kernel", "head_bias"})),
-    "set_weights": (frozenset({"head_kernel", "head_bias"}), frozenset()),
-}
 HEAD_WEIGHT_NAMES = ("head_kernel", "head_bias")
+# Whole-model weights: fedsync.model names -> tensor names in the signatures ("/" is not
+# allowed in signature tensor names).
+FULL_WEIGHT_NAMES = ("hidden/kernel", "hidden/bias", "head/kernel", "head/bias")
+_FULL_WEIGHT_TENSORS: dict[str, str] = {name: name.replace("/", "_") for name in FULL_WEIGHT_NAMES}
+
+
+def _trainer_signatures(weight_tensors: tuple[str, ...]) -> dict[str, tuple[frozenset[str], frozenset[str]]]:
+    weights = frozenset(weight_tensors)
+    return {
+        "infer": (frozenset({"x"}), frozenset({"probs"})),
+        "train": (frozenset({"x", "y", "lr"}), frozenset({"loss"})),
+        "get_weights": (frozenset(), weights),
+        "set_weights": (weights, frozenset()),
+    }
+
+
+_HEAD_SIGNATURES = _trainer_signatures(HEAD_WEIGHT_NAMES)
 
 _TFLITE_IDENTIFIER = b"TFL3"  # flatbuffer file identifier, bytes 4..8 of every .tflite
 
@@ -182,6 +196,14 @@ def _signature_names(interpreter: Interpreter) -> list[str]:
         return []
 
 
+def _is_full_trainable(interpreter: Interpreter) -> bool:
+    try:
+        inputs = interpreter.get_signature_list()["set_weights"]["inputs"]
+    except Exception:
+        return False
+    return set(inputs) == set(_FULL_WEIGHT_TENSORS.values())
+
+
 def _quant_params(details: Mapping[str, Any]) -> tuple[float, int] | None:
     """(scale, zero_point) for a per-tensor quantized int tensor, else None."""
     if np.dtype(details["dtype"]).kind == "f":
@@ -242,6 +264,8 @@ class LiteRTClassifier:
             hint = ""
             if "train" in _signature_names(interpreter):
                 hint = " (this looks like a trainable-head model: use LiteRTHeadTrainer)"
+                if _is_full_trainable(interpreter):
+                    hint = " (this looks like a trainable whole-model model: use LiteRTTrainer)"
             raise ModelFormatError(
                 f"classifier: expected 1 input and 1 output tensor, got {len(inputs)} and {len(outputs)}" + hint
             )
@@ -323,32 +347,36 @@ class LiteRTClassifier:
         return np.argmax(self.predict_proba(x), axis=1)
 
 
-# --------------------------------------------------------------------------- trainable head
+# --------------------------------------------------------------------------- trainable models
 
 
-class LiteRTHeadTrainer:
-    """On-device fine-tuning of the softmax head via the trainable-head model's signatures.
+class _SignatureTrainer:
+    """Shared runtime of the trainable models (``infer`` / ``train`` / ``get_weights`` /
+    ``set_weights`` signatures, SGD state in TFLite resource variables).
 
-    The head weights live in TFLite resource variables inside this interpreter: they start
-    from the values exported by the coordinator and change with :meth:`train_step` /
-    :meth:`fit` / :meth:`set_weights`. A new ``LiteRTHeadTrainer`` on the same file starts
-    again from the exported values; persist :meth:`get_weights` to keep progress.
-
-    Weight names are ``"head_kernel"`` (hidden_units, classes) and ``"head_bias"``
-    (classes,), not the Keras variable paths used by ``fedsync.model.get_weights``
-    (``"digits_mlp/head/kernel"`` / ``"digits_mlp/head/bias"``).
+    Subclasses set ``_KIND`` (error message prefix), ``_MODEL`` (what the file should be),
+    ``_WEIGHTS`` (public weight name -> tensor name in the signatures), ``_CLASSES_FROM``
+    (public name of the bias whose length is the class count) and ``_OTHER`` (tensor
+    names that identify the *other* trainable kind, with the class to suggest instead).
     """
+
+    _KIND: str
+    _MODEL: str
+    _WEIGHTS: Mapping[str, str]
+    _CLASSES_FROM: str
+    _OTHER: tuple[frozenset[str], str]
 
     def __init__(self, model_path_or_bytes: str | os.PathLike[str] | bytes, num_threads: int = 1) -> None:
         content = _read_model(model_path_or_bytes)
         self._lock = threading.Lock()
-        self._interpreter = _new_interpreter(content, int(num_threads), "trainable head")
+        self._interpreter = _new_interpreter(content, int(num_threads), self._KIND)
         try:
             available = self._interpreter.get_signature_list()
         except Exception as exc:
-            raise ModelFormatError(f"trainable head: cannot read signatures ({_one_line(exc)})") from exc
+            raise ModelFormatError(f"{self._KIND}: cannot read signatures ({_one_line(exc)})") from exc
+        signatures = _trainer_signatures(tuple(self._WEIGHTS.values()))
         problems = []
-        for name, (want_in, want_out) in _HEAD_SIGNATURES.items():
+        for name, (want_in, want_out) in signatures.items():
             sig = available.get(name)
             if sig is None:
                 problems.append(f"missing signature {name!r}")
@@ -360,20 +388,24 @@ class LiteRTHeadTrainer:
                     f"expected {sorted(want_in)} / {sorted(want_out)}"
                 )
         if problems:
+            other_tensors, other_class = self._OTHER
+            hint = ""
+            if set(available.get("set_weights", {}).get("inputs", ())) == other_tensors:
+                hint = f"; use {other_class}"
             raise ModelFormatError(
-                f"trainable head: not a fedsync trainable-head model ({'; '.join(problems)}; "
-                f"found signatures {sorted(available)})"
+                f"{self._KIND}: not a fedsync {self._MODEL} ({'; '.join(problems)}; "
+                f"found signatures {sorted(available)}){hint}"
             )
         try:
-            self._runners = {name: self._interpreter.get_signature_runner(name) for name in _HEAD_SIGNATURES}
+            self._runners = {name: self._interpreter.get_signature_runner(name) for name in signatures}
             set_in = self._runners["set_weights"].get_input_details()
             infer_in = self._runners["infer"].get_input_details()
         except Exception as exc:
-            raise ModelFormatError(f"trainable head: cannot prepare signatures ({_one_line(exc)})") from exc
+            raise ModelFormatError(f"{self._KIND}: cannot prepare signatures ({_one_line(exc)})") from exc
         self.weight_shapes: dict[str, tuple[int, ...]] = {
-            name: tuple(int(d) for d in set_in[name]["shape_signature"]) for name in HEAD_WEIGHT_NAMES
+            name: tuple(int(d) for d in set_in[tensor]["shape_signature"]) for name, tensor in self._WEIGHTS.items()
         }
-        self.num_classes: int = self.weight_shapes["head_bias"][0]
+        self.num_classes: int = self.weight_shapes[self._CLASSES_FROM][0]
         self.input_shape: tuple[int, ...] = tuple(int(d) for d in infer_in["x"]["shape_signature"])
         self._feature_shape = self.input_shape[1:]
 
@@ -389,7 +421,7 @@ class LiteRTHeadTrainer:
         return np.asarray(self._run("infer", x=batch)["probs"], dtype=np.float32)
 
     def train_step(self, x: Any, y: Any, lr: float) -> float:
-        """One SGD step on the head; returns the batch's mean cross-entropy *before* the step.
+        """One SGD step; returns the batch's mean cross-entropy *before* the step.
 
         ``y`` holds integer class indices, shape ``(n,)``.
         """
@@ -437,23 +469,24 @@ class LiteRTHeadTrainer:
         return history
 
     def get_weights(self) -> dict[str, np.ndarray]:
-        """Copies of the current head weights: ``{"head_kernel": ..., "head_bias": ...}``."""
+        """Copies of the current weights, keyed by the public weight names."""
         out = self._run("get_weights")
-        return {name: np.array(out[name], dtype=np.float32, copy=True) for name in HEAD_WEIGHT_NAMES}
+        return {name: np.array(out[tensor], dtype=np.float32, copy=True) for name, tensor in self._WEIGHTS.items()}
 
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
-        """Replace the head weights. Missing keys raise ``KeyError`` (like
+        """Replace all weights. Missing keys raise ``KeyError`` (like
         ``fedsync.model.set_weights``); unknown keys, wrong shapes or non-finite values raise
-        :class:`InputError`.
+        :class:`InputError`. Nothing is changed unless every tensor is valid.
         """
-        missing = [name for name in HEAD_WEIGHT_NAMES if name not in weights]
+        names = list(self._WEIGHTS)
+        missing = [name for name in names if name not in weights]
         if missing:
-            raise KeyError(f"weights missing tensors: {missing} (expected {list(HEAD_WEIGHT_NAMES)})")
-        unknown = sorted(set(weights) - set(HEAD_WEIGHT_NAMES))
+            raise KeyError(f"weights missing tensors: {missing} (expected {names})")
+        unknown = sorted(set(weights) - set(names))
         if unknown:
-            raise InputError(f"unknown weight names {unknown}; expected {list(HEAD_WEIGHT_NAMES)}")
+            raise InputError(f"unknown weight names {unknown}; expected {names}")
         arrays = {}
-        for name in HEAD_WEIGHT_NAMES:
+        for name, tensor in self._WEIGHTS.items():
             shape = self.weight_shapes[name]
             value = weights[name]
             arr = np.asarray(value)
@@ -464,5 +497,46 @@ class LiteRTHeadTrainer:
             arr = np.ascontiguousarray(arr, dtype=np.float32)
             if not np.isfinite(arr).all():
                 raise InputError(f"{name}: contains NaN or Inf")
-            arrays[name] = arr
+            arrays[tensor] = arr
         self._run("set_weights", **arrays)
+
+
+class LiteRTHeadTrainer(_SignatureTrainer):
+    """On-device fine-tuning of the softmax head via the trainable-head model's signatures.
+
+    The head weights live in TFLite resource variables inside this interpreter: they start
+    from the values exported by the coordinator and change with :meth:`train_step` /
+    :meth:`fit` / :meth:`set_weights`. A new ``LiteRTHeadTrainer`` on the same file starts
+    again from the exported values; persist :meth:`get_weights` to keep progress.
+
+    Weight names are ``"head_kernel"`` (hidden_units, classes) and ``"head_bias"``
+    (classes,), not the variable names used by ``fedsync.model.get_weights``
+    (``"head/kernel"`` / ``"head/bias"``).
+    """
+
+    _KIND = "trainable head"
+    _MODEL = "trainable-head model"
+    _WEIGHTS: Mapping[str, str] = {name: name for name in HEAD_WEIGHT_NAMES}
+    _CLASSES_FROM = "head_bias"
+    _OTHER = (frozenset(_FULL_WEIGHT_TENSORS.values()), "LiteRTTrainer")
+
+
+class LiteRTTrainer(_SignatureTrainer):
+    """On-device training of the *whole* MLP (hidden and head layers) with LiteRT only.
+
+    Runs the model produced by ``fedsync.tflite_export.to_trainable_tflite``: its ``train``
+    signature does one SGD step on all four weight tensors with a hand-written backward
+    pass in TFLite builtin ops (no Flex delegate, no TensorFlow on the client).
+
+    Weights are keyed like ``fedsync.model.get_weights``: ``"hidden/kernel"`` (64, H),
+    ``"hidden/bias"`` (H,), ``"head/kernel"`` (H, classes), ``"head/bias"`` (classes,), so
+    deltas computed from :meth:`get_weights` aggregate with Keras clients' deltas. State
+    lives in this interpreter: a new ``LiteRTTrainer`` on the same file starts again from
+    the exported weights.
+    """
+
+    _KIND = "trainable model"
+    _MODEL = "trainable (whole-model) model"
+    _WEIGHTS = _FULL_WEIGHT_TENSORS
+    _CLASSES_FROM = "head/bias"
+    _OTHER = (frozenset(HEAD_WEIGHT_NAMES), "LiteRTHeadTrainer")

@@ -18,6 +18,7 @@ from fedsync.manifest import (
     MANIFEST_NAME,
     TFLITE_FLOAT32,
     TFLITE_INT8,
+    TFLITE_TRAINABLE,
     TFLITE_TRAINABLE_HEAD,
     Manifest,
     TensorInfo,
@@ -44,6 +45,7 @@ class ModelPublisher:
         hidden_units: int = 32,
         int8: bool = True,
         trainable_head: bool = True,
+        trainable: bool = True,
     ) -> None:
         from fedsync.model import build_model
 
@@ -52,6 +54,7 @@ class ModelPublisher:
         self.evaluation = evaluation
         self.int8 = int8
         self.trainable_head = trainable_head
+        self.trainable = trainable
         self.model = build_model(hidden_units)
 
     def initial_weights(self) -> Weights:
@@ -85,6 +88,7 @@ class ModelPublisher:
             float32 = tflite_export.to_tflite_float32(self.model)
             int8 = tflite_export.to_tflite_int8(self.model, self.evaluation.x) if self.int8 else None
             head = tflite_export.to_trainable_head_tflite(self.model) if self.trainable_head else None
+            whole = tflite_export.to_trainable_tflite(self.model) if self.trainable else None
         (staging / "model.tflite").write_bytes(float32)
         artifacts = [
             describe_artifact(staging / "model.tflite", TFLITE_FLOAT32),
@@ -96,6 +100,9 @@ class ModelPublisher:
         if head is not None:
             (staging / "head-trainable.tflite").write_bytes(head)
             artifacts.append(describe_artifact(staging / "head-trainable.tflite", TFLITE_TRAINABLE_HEAD))
+        if whole is not None:
+            (staging / "model-trainable.tflite").write_bytes(whole)
+            artifacts.append(describe_artifact(staging / "model-trainable.tflite", TFLITE_TRAINABLE))
         manifest = Manifest(
             version=version,
             parent_version=parent_version,

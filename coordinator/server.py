@@ -69,6 +69,7 @@ class Coordinator:
         hidden_units: int = 32,
         publish_int8: bool = True,
         publish_trainable_head: bool = True,
+        publish_trainable: bool | None = None,
         auto_aggregate: bool = True,
         max_workers: int = 16,
         metrics: bool = False,
@@ -87,6 +88,8 @@ class Coordinator:
             hidden_units=hidden_units,
             int8=publish_int8,
             trainable_head=publish_trainable_head,
+            # The whole-model trainable .tflite follows the head one unless asked for explicitly.
+            trainable=publish_trainable_head if publish_trainable is None else publish_trainable,
         )
         self.metrics: PrometheusMetrics | None = None
         if metrics:

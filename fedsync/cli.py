@@ -404,8 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--codec", default="float32", help="delta codec: float32, float16, int8, topk:0.1")
     sim.add_argument("--local-epochs", type=int, default=5)
     sim.add_argument(
-        "--local-training", choices=["keras", "head"], default="keras",
-        help="keras: whole model (TensorFlow); head: the LiteRT trainable head, light enough for large fleets",
+        "--local-training", choices=["keras", "litert", "head"], default="keras",
+        help="keras: whole model with TensorFlow; litert: whole model in LiteRT (no TensorFlow, fast enough for "
+        "large fleets); head: only the softmax head in LiteRT",
     )  # fmt: skip
     sim.add_argument(
         "--compare", default=None, help="run several configurations on the same fleet and seed, e.g. sync,async "
@@ -424,7 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
     csync.add_argument("--address", required=True)
     csync.add_argument("--timeout", type=float, default=30.0)
     csync.add_argument("--no-fine-tuning", action="store_true", help="download only what inference needs")
-    csync.add_argument("--fine-tuning", default="keras", choices=["keras", "head"], help="fine-tuning profile")
+    csync.add_argument(
+        "--fine-tuning", default="keras", choices=["keras", "litert", "head"], help="fine-tuning profile"
+    )
     csync.add_argument("--credential", help="the device's token (or set FEDSYNC_CREDENTIAL)")
     csync.add_argument("--tls-ca", help="CA certificate to trust the coordinator with (enables TLS)")
     csync.add_argument("--tls-cert", help="client certificate for mutual TLS")

@@ -16,6 +16,7 @@ MANIFEST_NAME = "manifest.json"
 TFLITE_FLOAT32 = "tflite-float32"
 TFLITE_INT8 = "tflite-int8"
 TFLITE_TRAINABLE_HEAD = "tflite-trainable-head"
+TFLITE_TRAINABLE = "tflite-trainable"  # the whole model, trainable in LiteRT
 KERAS = "keras"
 
 

@@ -217,3 +217,140 @@ def to_trainable_head_tflite(model: keras.Model) -> bytes:
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
         converter.experimental_enable_resource_variables = True
         return bytes(converter.convert())
+
+
+# --------------------------------------------------------------------------- trainable full MLP
+
+# Tensor names of the full-model weights inside the trainable .tflite (signature tensor
+# names cannot contain "/"); the client maps them to fedsync.model's "hidden/kernel" etc.
+FULL_WEIGHT_TENSORS = {
+    "hidden/kernel": "hidden_kernel",
+    "hidden/bias": "hidden_bias",
+    "head/kernel": "head_kernel",
+    "head/bias": "head_bias",
+}
+
+
+class _TrainableMLP(tf.Module):
+    """Both Dense layers as variables, with a hand-written backward pass in builtin ops."""
+
+    def __init__(
+        self, hidden_kernel: np.ndarray, hidden_bias: np.ndarray, head_kernel: np.ndarray, head_bias: np.ndarray
+    ) -> None:
+        super().__init__(name="trainable_mlp")
+        num_features, hidden_units = hidden_kernel.shape
+        num_classes = head_kernel.shape[1]
+        self._num_classes = int(num_classes)
+        self.hidden_kernel = tf.Variable(hidden_kernel, dtype=tf.float32, name="hidden_kernel")
+        self.hidden_bias = tf.Variable(hidden_bias, dtype=tf.float32, name="hidden_bias")
+        self.head_kernel = tf.Variable(head_kernel, dtype=tf.float32, name="head_kernel")
+        self.head_bias = tf.Variable(head_bias, dtype=tf.float32, name="head_bias")
+
+        x_spec = tf.TensorSpec([None, num_features], tf.float32, name="x")
+        self.infer = tf.function(self._infer, input_signature=[x_spec])
+        self.train = tf.function(
+            self._train,
+            input_signature=[
+                x_spec,
+                tf.TensorSpec([None], tf.int32, name="y"),
+                tf.TensorSpec([], tf.float32, name="lr"),
+            ],
+        )
+        self.get_weights = tf.function(self._get_weights, input_signature=[])
+        self.set_weights = tf.function(
+            self._set_weights,
+            input_signature=[
+                tf.TensorSpec([num_features, hidden_units], tf.float32, name="hidden_kernel"),
+                tf.TensorSpec([hidden_units], tf.float32, name="hidden_bias"),
+                tf.TensorSpec([hidden_units, num_classes], tf.float32, name="head_kernel"),
+                tf.TensorSpec([num_classes], tf.float32, name="head_bias"),
+            ],
+        )
+
+    def signatures(self) -> dict[str, tf.types.experimental.ConcreteFunction]:
+        return {
+            INFER_SIGNATURE: self.infer.get_concrete_function(),
+            TRAIN_SIGNATURE: self.train.get_concrete_function(),
+            GET_WEIGHTS_SIGNATURE: self.get_weights.get_concrete_function(),
+            SET_WEIGHTS_SIGNATURE: self.set_weights.get_concrete_function(),
+        }
+
+    def _forward(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        hidden = tf.nn.relu(tf.matmul(x, self.hidden_kernel) + self.hidden_bias)
+        return hidden, tf.matmul(hidden, self.head_kernel) + self.head_bias
+
+    def _infer(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
+        return {"probs": tf.nn.softmax(self._forward(x)[1])}
+
+    def _train(self, x: tf.Tensor, y: tf.Tensor, lr: tf.Tensor) -> dict[str, tf.Tensor]:
+        hidden, logits = self._forward(x)
+        onehot = tf.one_hot(y, self._num_classes, dtype=tf.float32)
+        batch = tf.cast(tf.shape(x)[0], tf.float32)
+        loss = -tf.reduce_sum(onehot * tf.nn.log_softmax(logits)) / batch
+        # Hand-written backprop of mean softmax cross-entropy (no GradientTape, no Flex ops).
+        # Every gradient is computed from the pre-update weights before any variable changes.
+        dlogits = (tf.nn.softmax(logits) - onehot) / batch
+        d_head_kernel = tf.matmul(hidden, dlogits, transpose_a=True)
+        d_head_bias = tf.reduce_sum(dlogits, axis=0)
+        d_hidden = tf.matmul(dlogits, self.head_kernel, transpose_b=True)
+        d_pre = d_hidden * tf.cast(tf.greater(hidden, 0.0), tf.float32)  # relu'(z) = [h > 0]
+        d_hidden_kernel = tf.matmul(x, d_pre, transpose_a=True)
+        d_hidden_bias = tf.reduce_sum(d_pre, axis=0)
+        self.hidden_kernel.assign_sub(lr * d_hidden_kernel)
+        self.hidden_bias.assign_sub(lr * d_hidden_bias)
+        self.head_kernel.assign_sub(lr * d_head_kernel)
+        self.head_bias.assign_sub(lr * d_head_bias)
+        return {"loss": loss}
+
+    def _get_weights(self) -> dict[str, tf.Tensor]:
+        return {
+            "hidden_kernel": tf.identity(self.hidden_kernel),
+            "hidden_bias": tf.identity(self.hidden_bias),
+            "head_kernel": tf.identity(self.head_kernel),
+            "head_bias": tf.identity(self.head_bias),
+        }
+
+    def _set_weights(
+        self, hidden_kernel: tf.Tensor, hidden_bias: tf.Tensor, head_kernel: tf.Tensor, head_bias: tf.Tensor
+    ) -> dict[str, tf.Tensor]:
+        self.hidden_kernel.assign(hidden_kernel)
+        self.hidden_bias.assign(hidden_bias)
+        self.head_kernel.assign(head_kernel)
+        self.head_bias.assign(head_bias)
+        return {"ok": tf.constant(1, dtype=tf.int32)}
+
+
+def _convert_trainable(module: tf.Module, prefix: str) -> bytes:
+    """SavedModel + ``from_saved_model`` (not ``from_concrete_functions``, which drops the
+    variables' initial values), builtin ops only, resource variables enabled."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        saved = os.path.join(tmp, "saved_model")
+        tf.saved_model.save(module, saved, signatures=module.signatures())
+        converter = tf.lite.TFLiteConverter.from_saved_model(saved, signature_keys=list(TRAINABLE_SIGNATURES))
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+        converter.experimental_enable_resource_variables = True
+        return bytes(converter.convert())
+
+
+def to_trainable_tflite(model: keras.Model) -> bytes:
+    """A TFLite model that fine-tunes the *whole* MLP (hidden and head layers) on device.
+
+    Same four signatures as :func:`to_trainable_head_tflite` (``infer``, ``train``,
+    ``get_weights``, ``set_weights``), but all four weight tensors are resource variables
+    initialised from the Keras model's current weights: ``get_weights`` returns and
+    ``set_weights`` takes ``hidden_kernel`` [64, H], ``hidden_bias`` [H], ``head_kernel``
+    [H, 10] and ``head_bias`` [10] (the client runtime exposes them under the
+    ``fedsync.model`` names ``"hidden/kernel"`` etc., see :data:`FULL_WEIGHT_TENSORS`).
+    ``train`` does one plain SGD step on all four with a hand-written backward pass
+    (relu mask as ``cast(h > 0)``), so the model uses TFLite builtin ops only and runs on
+    the plain LiteRT interpreter. Variable state lives in the interpreter instance.
+    """
+    hidden_kernel, hidden_bias = _dense_weights(model, HIDDEN_LAYER, "relu")
+    head_kernel, head_bias = _dense_weights(model, HEAD_LAYER, "softmax")
+    if hidden_kernel.shape[0] != NUM_FEATURES or head_kernel.shape[0] != hidden_kernel.shape[1]:
+        raise ValueError(
+            f"expected hidden kernel ({NUM_FEATURES}, H) feeding head kernel (H, classes), "
+            f"got {hidden_kernel.shape} and {head_kernel.shape}"
+        )
+    module = _TrainableMLP(hidden_kernel, hidden_bias, head_kernel, head_bias)
+    return _convert_trainable(module, "fedsync_mlp_")

@@ -21,10 +21,10 @@ sys.path.insert(0, {repo!r})
 from client import EdgeClient
 from fedsync.sim.data import load_digits_split
 train, test = load_digits_split()
-device = EdgeClient({home!r}, "lean-1", inference="int8", fine_tuning="head")
+device = EdgeClient({home!r}, "lean-1", inference="int8", fine_tuning={profile!r})
 first = device.sync({address!r})
 predictions = [device.predict(x).label for x in test.x[:50]]
-seq = device.fine_tune(train.x[:400], train.y[:400], epochs=5, learning_rate=0.5)
+seq = device.fine_tune(train.x[:400], train.y[:400], epochs={epochs}, learning_rate={lr})
 second = device.sync({address!r})
 print(json.dumps({{
     "tensorflow_imported": any(m == "tensorflow" or m.startswith("tensorflow.") for m in sys.modules),
@@ -44,7 +44,9 @@ def test_lean_client_trains_the_head_without_tensorflow(tmp_path: Path) -> None:
     coordinator.start("127.0.0.1:0")
     try:
         before = {k: v.copy() for k, v in coordinator.aggregator.weights.items()}
-        script = LEAN_DEVICE.format(repo=str(REPO), home=str(tmp_path / "lean"), address=coordinator.address)
+        script = LEAN_DEVICE.format(
+            repo=str(REPO), home=str(tmp_path / "lean"), address=coordinator.address, profile="head", epochs=5, lr=0.5
+        )
         done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
         result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -62,5 +64,38 @@ def test_lean_client_trains_the_head_without_tensorflow(tmp_path: Path) -> None:
         assert not np.allclose(after["head/kernel"], before["head/kernel"])
         # Training the head on real labels beats the random initial head on the held-out set.
         assert published.accuracy > coordinator.store.version_history()[0][2] + 0.2
+    finally:
+        coordinator.stop()
+
+
+def test_litert_client_trains_the_whole_model_without_tensorflow(tmp_path: Path) -> None:
+    coordinator = Coordinator(
+        tmp_path / "coordinator",
+        strategy=Strategy.fedbuff(buffer_size=1),
+        auto_aggregate=False,
+        publish_trainable_head=False,
+        publish_trainable=True,
+    )
+    coordinator.start("127.0.0.1:0")
+    try:
+        before = {k: v.copy() for k, v in coordinator.aggregator.weights.items()}
+        script = LEAN_DEVICE.format(
+            repo=str(REPO),
+            home=str(tmp_path / "lean"),
+            address=coordinator.address,
+            profile="litert",
+            epochs=20,
+            lr=0.3,
+        )
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        assert result["tensorflow_imported"] is False and result["deltas_sent"] == 1
+        assert result["files"] == ["manifest.json", "model-int8.tflite", "model-trainable.tflite"]
+        published = coordinator.aggregate_now()
+        assert published is not None
+        after = coordinator.aggregator.weights
+        assert all(not np.allclose(after[name], before[name]) for name in before)  # every layer trained
+        assert published.accuracy > 0.8
     finally:
         coordinator.stop()

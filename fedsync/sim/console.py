@@ -20,7 +20,7 @@ def compare_variants(base: SimulationConfig, items: list[str]) -> dict[str, Simu
     for item in items:
         if item in ("sync", "async"):
             change = {"aggregation": item}
-        elif item in ("keras", "head"):
+        elif item in ("keras", "litert", "head"):
             change = {"local_training": item}
         else:
             change = {"codec": item}

@@ -48,7 +48,7 @@ class SimulationConfig:
     batch_size: int = 16
     learning_rate: float = 0.1
     predictions_per_round: int = 8
-    local_training: str = "keras"  # keras: whole model with TensorFlow; head: LiteRT softmax head, no TF
+    local_training: str = "keras"  # keras (TensorFlow), litert (whole model, no TF) or head (LiteRT head only)
     address: str = "127.0.0.1:0"
 
     def validate(self) -> None:
@@ -68,8 +68,8 @@ class SimulationConfig:
             raise SimulationConfigError(f"--aggregation must be 'async' or 'sync', got {self.aggregation!r}")
         if self.buffer_size is not None and self.buffer_size < 1:
             raise SimulationConfigError(f"--buffer-size must be at least 1, got {self.buffer_size}")
-        if self.local_training not in ("keras", "head"):
-            raise SimulationConfigError(f"--local-training must be 'keras' or 'head', got {self.local_training!r}")
+        if self.local_training not in ("keras", "litert", "head"):
+            raise SimulationConfigError(f"--local-training must be keras, litert or head, got {self.local_training!r}")
         if self.local_epochs < 1 or self.batch_size < 1 or not self.learning_rate > 0:
             raise SimulationConfigError("--local-epochs, --batch-size and --lr must be positive")
         from fedsync.codecs import CodecError, get_codec
