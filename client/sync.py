@@ -252,7 +252,15 @@ class _Session:
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
                     raise
-                # The coordinator recorded the rejection durably; don't send this delta again.
+                # A refused content is recorded by the coordinator (its mark moves past the delta);
+                # a malformed transfer is not, and must not be skipped.
+                hello = self.stub.Hello(
+                    pb.HelloRequest(model_version=self.client.model_version),
+                    metadata=self.metadata,
+                    timeout=self.timeout_s,
+                )
+                if hello.deltas_high_water < delta.seq:
+                    raise
                 journal.ack_delta(delta.seq, "rejected", exc.details() or "")
                 self.report.deltas_rejected += 1
                 self.report.notes.append(exc.details() or f"delta {delta.seq} rejected")

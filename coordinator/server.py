@@ -182,7 +182,10 @@ class Coordinator:
             self.metrics.stop()
         self._stopping.set()
         self._wake.set()
-        self.server.stop(grace_s).wait()
+        # Bounded: grpcio can leave a stream that received an undecodable message un-terminated,
+        # and then the shutdown event is never set.
+        if not self.server.stop(grace_s).wait(timeout=grace_s + 2):
+            log.warning("gRPC server did not finish stopping within %.1f s", grace_s + 2)
         if self._loop is not None:
             self._loop.join(timeout=30)
         self.store.close()

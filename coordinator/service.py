@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -28,6 +29,7 @@ MAX_CHUNK_BYTES = 4 << 20
 MAX_DELTA_BYTES = 256 << 20
 MAX_EVENTS_PER_BATCH = 65_536
 MAX_CORRECTIONS_PER_PAGE = 10_000
+INT64_MAX = 2**63 - 1  # SQLite integers are signed 64-bit
 _STORE_CODES = {"invalid": grpc.StatusCode.INVALID_ARGUMENT, "precondition": grpc.StatusCode.FAILED_PRECONDITION}
 
 
@@ -63,6 +65,8 @@ class SyncService(SyncServicer):
 
     def Hello(self, request: pb.HelloRequest, context: grpc.ServicerContext) -> pb.HelloResponse:
         device = device_of(context)
+        if request.model_version > INT64_MAX:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"model_version {request.model_version} is out of range")
         events_hw, deltas_hw = self.store.touch_device(device, request.model_version)
         partial = self.uploads.status(device)
         resumable = partial is not None and partial.seq == deltas_hw + 1
@@ -122,6 +126,11 @@ class SyncService(SyncServicer):
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"delta of {header.payload_size} bytes exceeds the limit of {MAX_DELTA_BYTES}",
             )
+        for field in ("seq", "base_version", "num_examples"):
+            if getattr(header, field) > INT64_MAX:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field} {getattr(header, field)} is out of range")
+        if not math.isfinite(header.train_loss):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"train_loss must be finite, got {header.train_loss}")
         _, deltas_hw = self.store.high_waters(device)
         if header.seq <= deltas_hw:
             return self._replayed_delta(device, header, deltas_hw, context)

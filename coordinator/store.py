@@ -27,6 +27,9 @@ from fedsync.conflicts import ConflictPolicy, highest_confidence
 from fedsync.manifest import fsync_path
 from fedsync.wire import INPUT_HASH_BYTES
 
+#: SQLite integers are signed 64-bit; the wire's uint64 fields must fit.
+INT64_MAX = 2**63 - 1
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
     device_id TEXT PRIMARY KEY,
@@ -146,13 +149,22 @@ class EventColumns:
 
     def validate(self, num_labels: int) -> None:
         n = len(self.seqs)
-        if any(len(c) != n for c in (self.hashes, self.labels, self.confidences, self.versions)):
+        columns = (self.hashes, self.labels, self.confidences, self.versions, self.latencies, self.times)
+        if any(len(c) != n for c in columns):
             raise StoreError("invalid", "event batch columns have different lengths")
         if n == 0:
             return
+        if any(len(h) != INPUT_HASH_BYTES for h in self.hashes):
+            raise StoreError("invalid", f"every input_hash must be {INPUT_HASH_BYTES} bytes")
         seqs = np.asarray(self.seqs, dtype=np.uint64)
         if seqs[0] == 0 or (n > 1 and not bool(np.all(seqs[1:] > seqs[:-1]))):
             raise StoreError("invalid", "event seqs must be positive and strictly increasing")
+        if int(seqs[-1]) > INT64_MAX:
+            raise StoreError("invalid", f"event seq {int(seqs[-1])} is out of range")
+        if max(self.versions) > INT64_MAX:
+            raise StoreError("invalid", f"event model_version {max(self.versions)} is out of range")
+        if any(latency != latency for latency in self.latencies):  # NaN would be stored as NULL
+            raise StoreError("invalid", "event latency_us must not be NaN")
         labels = np.asarray(self.labels, dtype=np.int64)
         bad = np.flatnonzero((labels < 0) | (labels >= num_labels))
         if len(bad):
@@ -355,18 +367,36 @@ class CoordinatorStore:
                 "INSERT OR REPLACE INTO resolutions VALUES (?, ?, ?, ?, ?, ?)",
                 (r.input_hash, w.label, w.confidence, w.model_version, w.device_id, r.observations),
             )
-            self.conn.executemany(
-                "INSERT OR IGNORE INTO corrections "
-                "(device_id, input_hash, label, confidence, model_version, created_ns) VALUES (?, ?, ?, ?, ?, ?)",
-                [(d, r.input_hash, w.label, w.confidence, w.model_version, now) for d in r.losing_devices],
+            # Tell every device whose current view differs from the winner: its latest correction
+            # if it got one, else its own observations (a winner change can make an earlier
+            # correction wrong, even for a device that predicted the new winner itself).
+            latest = dict(
+                self.conn.execute(
+                    "SELECT device_id, label FROM corrections WHERE input_hash = ? AND cursor IN "
+                    "(SELECT MAX(cursor) FROM corrections WHERE input_hash = ? GROUP BY device_id)",
+                    (r.input_hash, r.input_hash),
+                ).fetchall()
             )
+            to_tell = {d for d in r.losing_devices if d not in latest}
+            to_tell |= {d for d, label in latest.items() if label != w.label}
+            for d in sorted(to_tell):
+                # A fresh cursor even if this label was sent before, so the device pulls it again.
+                self.conn.execute(
+                    "DELETE FROM corrections WHERE device_id = ? AND input_hash = ? AND label = ?",
+                    (d, r.input_hash, w.label),
+                )
+                self.conn.execute(
+                    "INSERT INTO corrections (device_id, input_hash, label, confidence, model_version, created_ns) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (d, r.input_hash, w.label, w.confidence, w.model_version, now),
+                )
 
     @_locked
     def corrections_after(self, device_id: str, cursor: int, limit: int) -> list[CorrectionRow]:
         rows = self.conn.execute(
             "SELECT cursor, input_hash, label, confidence, model_version FROM corrections "
             "WHERE device_id = ? AND cursor > ? ORDER BY cursor LIMIT ?",
-            (device_id, cursor, limit),
+            (device_id, min(cursor, INT64_MAX), limit),
         ).fetchall()
         return [CorrectionRow(*row) for row in rows]
 
@@ -380,6 +410,7 @@ class CoordinatorStore:
         ).fetchone()
         return None if row is None else (row[0], row[1], row[2])
 
+    @_locked
     def add_delta(
         self,
         device_id: str,
@@ -403,24 +434,27 @@ class CoordinatorStore:
         """
         now = time.time_ns()
         name = f"{device_id}.{seq}.delta" if (payload is not None or payload_file is not None) else None
-        if name is not None:
-            target = self.deltas_dir / name
-            if payload_file is not None:
-                fsync_path(payload_file)
-                os.replace(payload_file, target)
-            else:
-                with open(target, "wb") as f:
-                    f.write(payload)  # type: ignore[arg-type]
-                    f.flush()
-                    os.fsync(f.fileno())
-            fsync_path(self.deltas_dir)
+        wrote = False
         self._begin()
         try:
             (high_water,) = self.conn.execute(
                 "SELECT deltas_high_water FROM devices WHERE device_id = ?", (device_id,)
             ).fetchone() or (0,)
             if seq != high_water + 1:
+                # Before touching any file: <device>.<seq>.delta may belong to a committed delta.
                 raise StoreError("precondition", f"sequence gap: expected delta {high_water + 1}, got {seq}")
+            if name is not None:
+                target = self.deltas_dir / name
+                wrote = True
+                if payload_file is not None:
+                    fsync_path(payload_file)
+                    os.replace(payload_file, target)
+                else:
+                    with open(target, "wb") as f:
+                        f.write(payload)  # type: ignore[arg-type]
+                        f.flush()
+                        os.fsync(f.fileno())
+                fsync_path(self.deltas_dir)
             self.conn.execute(
                 "INSERT INTO deltas (device_id, seq, base_version, num_examples, codec, tensor_specs, payload_file, "
                 "payload_sha256, train_loss, received_ns, status, reason, staleness) "
@@ -450,8 +484,8 @@ class CoordinatorStore:
             self.conn.execute("COMMIT")
         except BaseException:
             self._rollback()
-            if name is not None:
-                (self.deltas_dir / name).unlink(missing_ok=True)
+            if wrote:
+                (self.deltas_dir / name).unlink(missing_ok=True)  # type: ignore[operator]
             raise
         return seq
 
@@ -487,6 +521,7 @@ class CoordinatorStore:
 
     # -- versions -------------------------------------------------------------------------
 
+    @_locked
     def commit_version(
         self,
         version: int,

@@ -1090,19 +1090,16 @@ OVERFLOW = "uint64 fields above 2**63-1 reach SQLite unchecked (OverflowError ->
 NAN_STORED = "NaN is stored as NULL by SQLite, violating NOT NULL (IntegrityError -> UNKNOWN)"
 
 
-@pytest.mark.xfail(strict=True, reason=OVERFLOW)
 def test_hello_with_a_model_version_beyond_int64_is_invalid_argument(stub: SyncStub) -> None:
     device = new_device("hello-big")
     expect_status(lambda: hello(stub, device, model_version=2**63), Code.INVALID_ARGUMENT, "model_version")
 
 
-@pytest.mark.xfail(strict=True, reason=OVERFLOW)
 def test_pull_corrections_after_a_cursor_beyond_int64_is_an_empty_page(stub: SyncStub) -> None:
     page = pull(stub, new_device("pull-big"), after=2**64 - 1)
     assert (list(page.corrections), page.more) == ([], False)
 
 
-@pytest.mark.xfail(strict=True, reason=f"{OVERFLOW}; {NAN_STORED}")
 @pytest.mark.parametrize(
     ("change", "word"),
     [(dict(model_version=2**63), "model_version"), (dict(latency_us=math.nan), "latency_us")],
@@ -1120,7 +1117,6 @@ def test_push_events_unstorable_numbers_are_invalid_argument(
     assert_events_intact(stub, coordinator, device, accepted, total)
 
 
-@pytest.mark.xfail(strict=True, reason=f"{OVERFLOW}; {NAN_STORED}")
 @pytest.mark.parametrize(
     ("change", "words"),
     [
@@ -1141,12 +1137,6 @@ def test_push_delta_unstorable_numbers_are_invalid_argument(
     assert_status(info.value, Code.INVALID_ARGUMENT, *words)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="CoordinatorStore.add_delta and commit_version run without the store lock: concurrent writers on the "
-    "shared connection fail with 'cannot start a transaction within a transaction' (UNKNOWN) and can roll back "
-    "each other's transactions",
-)
 def test_concurrent_devices_all_commit(tmp_path: Path) -> None:
     coordinator = start_coordinator(tmp_path / "coordinator")
     errors: list[str] = []
@@ -1183,11 +1173,6 @@ def test_concurrent_devices_all_commit(tmp_path: Path) -> None:
         stop_within(coordinator, 10)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="grpcio 1.85.1: after a bidi stream (PushEvents) gets an undecodable message, server.stop(grace).wait() "
-    "never returns about half the time, and Coordinator.stop() waits on it without a deadline",
-)
 def test_coordinator_stops_after_undecodable_event_streams(tmp_path: Path) -> None:
     coordinator = start_coordinator(tmp_path / "coordinator")
     with grpc.insecure_channel(coordinator.address, options=channel_options()) as channel:
