@@ -1,0 +1,498 @@
+"""fedsync against Flower 1.41 (Ray simulation) on the same task, then sync vs async under intermittency.
+
+One run, ends with ONE JSON line.
+
+Part 1, for each fleet size in ``--devices`` (default 100 and 1,000): the same model (the Keras MLP
+64-32-10 of fedsync.model, same initial weights), the same data partition
+(fedsync.sim.data.partition: scheme, alpha, overlap, seed), the same number of devices, local
+epochs, batch size and SGD learning rate, every device online, in
+
+  * fedsync: ``run_simulation`` (real EdgeClients with SQLite journals syncing over loopback gRPC
+    with a real coordinator that publishes every version), aggregation ``--fedsync-aggregation``
+    (default async: FedBuff, a version per half fleet of deltas), local training
+    ``--fedsync-training`` (default: ``litert``, the whole MLP trained in LiteRT, if this checkout's
+    SimulationConfig accepts it, else ``keras``); ``--predictions-per-round`` defaults to 0
+    because Flower's devices don't predict;
+  * Flower 1.41: bench/flower_side.py in its own virtual environment (bench/.flower-venv, created
+    and filled on first use: flwr[simulation]==1.41.0, tensorflow-cpu 2.21, scikit-learn), the
+    library's FedAvg with every node training every round, ServerApp-side evaluation on the same
+    test split after every round, one CPU per client on Ray.
+
+Figures per side: device updates per second (updates aggregated into published models / wall time
+of the run, from its start after imports to the end of the round where it stopped), the same rate
+after the first round (``steady_updates_per_s``: leaves out start-up, which is Ray workers
+importing TensorFlow on Flower's side and the first model download on fedsync's), wall time until
+test accuracy first reached ``--target`` (0.90), final accuracy and peak RSS (fedsync: one process
+holds the coordinator and the whole fleet). A run stops ``--extra-rounds`` rounds after reaching
+the target, or after ``--max-minutes``, or after ``--max-rounds``.
+
+Part 2: fedsync with ``--intermittent-devices`` (100) devices online with probability
+``--online-prob`` (0.5) at any moment, synchronous FedAvg against asynchronous aggregation on the
+same fleet and seed: time to the target for each, for every seed in ``--intermittency-seeds``
+(default 0,1,2: one seed's ratio swings between about 1.2 and 2.3). ``async_vs_sync_time_to_0.90``
+is the median over seeds of the synchronous time over the asynchronous one (above 1: asynchronous
+is sooner); ``async_vs_sync_rounds_to_0.90`` is the same on the connectivity model's virtual clock
+(rounds), which leaves out wall-time costs such as publishing a version. When a side never reaches
+the target within its budget, its run time stands in for its time and ``..._reached`` says so.
+
+Each fedsync configuration runs in a child process (this script with ``--child``), so that its
+peak RSS (VmHWM) is its own.
+
+Run:  .venv/bin/python bench/vs_flower.py [--devices 100,1000] [--max-minutes 4] [--skip-flower]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+FLOWER_VENV = REPO / "bench" / ".flower-venv"
+FLOWER_REQUIREMENTS = ("flwr[simulation]==1.41.0", "tensorflow-cpu==2.21.*", "scikit-learn")
+FLOWER_STAMP = FLOWER_VENV / ".fedsync-bench-installed"
+TARGET_KEY = "async_vs_sync_time_to_0.90"
+
+
+# -- fedsync side ---------------------------------------------------------------------------------
+
+
+class _StopRun(Exception):
+    """Raised from on_round to end a simulation early (target reached, or out of budget)."""
+
+
+def peak_rss_mb() -> float:
+    """This process's own high-water mark (VmHWM), which unlike ru_maxrss does not survive exec."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def choose_fedsync_training(requested: str) -> str:
+    """``auto``: the whole-model LiteRT trainer if this checkout has it, else Keras."""
+    from fedsync.sim.runner import SimulationConfig, SimulationConfigError
+
+    if requested != "auto":
+        return requested
+    try:
+        SimulationConfig(local_training="litert").validate()
+        return "litert"
+    except SimulationConfigError:
+        return "keras"
+
+
+def time_to_target(timeline: list[dict], target: float) -> float | None:
+    """Wall time of the first published version whose test accuracy reached ``target``."""
+    for point in timeline:
+        if point["accuracy"] >= target:
+            return point["wall_s"]
+    return None
+
+
+def run_fedsync(spec: dict) -> dict:
+    """One fedsync simulation in this process, stopped early like the Flower side; returns its figures.
+
+    ``spec`` keys: devices, aggregation, online_probability, local_training, local_epochs,
+    batch_size, lr, partition, alpha, overlap, seed, predictions_per_round, target, extra_rounds,
+    max_minutes, max_rounds, data_dir.
+
+    Published versions are recorded by wrapping ``Coordinator.aggregate_now`` (the runner's only
+    aggregation call): wall time, version, test accuracy and number of deltas aggregated. The
+    runner has no stop hook, so ``on_round`` raises to stop; the figures come from those records.
+    """
+    from fedsync._quiet import quiet_tensorflow_logs
+
+    quiet_tensorflow_logs()
+    import client  # noqa: F401  (imports stay outside the timed run, as on the Flower side)
+    import coordinator
+    from fedsync.sim.runner import RoundFigures, SimulationConfig, run_simulation
+
+    config = SimulationConfig(
+        devices=int(spec["devices"]),
+        rounds=int(spec["max_rounds"]),
+        seed=int(spec["seed"]),
+        data_dir=Path(spec["data_dir"]),
+        partition=str(spec["partition"]),
+        alpha=float(spec["alpha"]),
+        overlap=float(spec["overlap"]),
+        online_probability=float(spec["online_probability"]),
+        aggregation=str(spec["aggregation"]),
+        local_epochs=int(spec["local_epochs"]),
+        batch_size=int(spec["batch_size"]),
+        learning_rate=float(spec["lr"]),
+        predictions_per_round=int(spec["predictions_per_round"]),
+        local_training=str(spec["local_training"]),
+    )
+    target = float(spec["target"])
+    budget_s = float(spec["max_minutes"]) * 60
+    timeline: list[dict] = []
+    rounds: list[dict] = []
+    state: dict = {"hit_round": None, "stopped_by": "rounds"}
+
+    original = coordinator.Coordinator.aggregate_now
+
+    def recording_aggregate_now(self, force: bool = True):
+        published = original(self, force=force)
+        if published is not None:
+            timeline.append(
+                {
+                    "wall_s": time.perf_counter() - started,
+                    "version": published.version,
+                    "accuracy": published.accuracy,
+                    "deltas": published.num_deltas,
+                }
+            )
+        return published
+
+    def on_round(figures: RoundFigures) -> None:
+        now = time.perf_counter() - started
+        rounds.append(
+            {
+                "round": figures.round,
+                "wall_s": now,
+                "online": figures.online,
+                "deltas_synced": figures.deltas_synced,
+                "version": figures.version,
+                "accuracy": figures.accuracy,
+            }
+        )
+        if state["hit_round"] is None and any(p["accuracy"] >= target for p in timeline):
+            state["hit_round"] = figures.round
+        if state["hit_round"] is not None and figures.round >= state["hit_round"] + int(spec["extra_rounds"]):
+            state["stopped_by"] = "target"
+            raise _StopRun
+        if now > budget_s:
+            state["stopped_by"] = "time"
+            raise _StopRun
+
+    coordinator.Coordinator.aggregate_now = recording_aggregate_now
+    started = time.perf_counter()
+    try:
+        run_simulation(config, on_round=on_round)
+    except _StopRun:
+        pass
+    finally:
+        coordinator.Coordinator.aggregate_now = original
+    total_s = time.perf_counter() - started
+
+    wall_s = rounds[-1]["wall_s"] if rounds else total_s
+    updates = sum(p["deltas"] for p in timeline)
+    first_round_s = rounds[0]["wall_s"] if rounds else 0.0
+    later = sum(p["deltas"] for p in timeline if p["wall_s"] > first_round_s)
+    hit = time_to_target(timeline, target)
+    return {
+        "framework": "fedsync",
+        "devices": config.devices,
+        "aggregation": config.aggregation,
+        "online_probability": config.online_probability,
+        "local_training": config.local_training,
+        "local_epochs": config.local_epochs,
+        "batch_size": config.batch_size,
+        "lr": config.learning_rate,
+        "partition": config.partition,
+        "updates": updates,
+        "versions": len(timeline),
+        "rounds": len(rounds),
+        "train_wall_s": wall_s,
+        "total_wall_s": total_s,
+        "updates_per_s": updates / wall_s if wall_s > 0 else 0.0,
+        "steady_updates_per_s": later / (wall_s - first_round_s) if wall_s > first_round_s else 0.0,
+        "time_to_target_s": hit,
+        "rounds_to_target": state["hit_round"],
+        "final_accuracy": timeline[-1]["accuracy"] if timeline else None,
+        "stopped_by": state["stopped_by"],
+        "peak_rss_mb": peak_rss_mb(),
+        "accuracy_over_time": [{k: p[k] for k in ("wall_s", "version", "accuracy")} for p in timeline],
+    }
+
+
+def run_fedsync_child(spec: dict, timeout_s: float) -> dict:
+    """``run_fedsync`` in a fresh interpreter (its own peak RSS); the figures come back through a file."""
+    with tempfile.TemporaryDirectory(prefix="fedsync-vs-flower-") as tmp:
+        spec = {**spec, "data_dir": str(Path(tmp) / "sim")}
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec), "--child-out", str(out)]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
+        if proc.returncode != 0 or not out.exists():
+            raise RuntimeError(f"fedsync child failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+        return json.loads(out.read_text())
+
+
+# -- Flower side ----------------------------------------------------------------------------------
+
+
+def flower_python() -> Path:
+    return FLOWER_VENV / "bin" / "python"
+
+
+def ensure_flower_venv(log=print) -> Path:
+    """Create bench/.flower-venv and install Flower into it, unless the stamp says it's done."""
+    wanted = "\n".join(FLOWER_REQUIREMENTS)
+    if FLOWER_STAMP.exists() and FLOWER_STAMP.read_text() == wanted and flower_python().exists():
+        return flower_python()
+    log(f"installing {', '.join(FLOWER_REQUIREMENTS)} into {FLOWER_VENV.relative_to(REPO)} (once)")
+    if not flower_python().exists():
+        subprocess.run([sys.executable, "-m", "venv", str(FLOWER_VENV)], check=True)
+    pip = [str(flower_python()), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    subprocess.run([*pip, "--upgrade", "pip"], check=True)
+    subprocess.run([*pip, *FLOWER_REQUIREMENTS], check=True)
+    FLOWER_STAMP.write_text(wanted)
+    return flower_python()
+
+
+def run_flower(spec: dict, timeout_s: float) -> dict:
+    """bench/flower_side.py in the Flower venv; returns the JSON line it prints."""
+    cmd = [
+        str(flower_python()),
+        str(REPO / "bench" / "flower_side.py"),
+        f"--devices={spec['devices']}",
+        f"--rounds={spec['max_rounds']}",
+        f"--local-epochs={spec['local_epochs']}",
+        f"--batch-size={spec['batch_size']}",
+        f"--lr={spec['lr']}",
+        f"--partition={spec['partition']}",
+        f"--alpha={spec['alpha']}",
+        f"--overlap={spec['overlap']}",
+        f"--seed={spec['seed']}",
+        f"--target={spec['target']}",
+        f"--extra-rounds={spec['extra_rounds']}",
+        f"--max-minutes={spec['max_minutes']}",
+        f"--trainer={spec['flower_trainer']}",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout_s, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"Flower side failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    result = json.loads(lines[-1])
+    if result.get("stopped_by") == "errors":
+        raise RuntimeError(f"every Flower client failed: {result.get('first_error')}")
+    return result
+
+
+# -- the whole bench ------------------------------------------------------------------------------
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def median(values: list[float | None]) -> float | None:
+    known = sorted(v for v in values if v is not None)
+    if not known:
+        return None
+    mid = len(known) // 2
+    return known[mid] if len(known) % 2 else (known[mid - 1] + known[mid]) / 2
+
+
+def intermittency_ratios(sync: dict, asynchronous: dict) -> dict:
+    """Synchronous over asynchronous time (and rounds) to the target; a side that never got there
+    counts with its whole run (a bound, flagged by ``..._reached``)."""
+    sync_t = sync["time_to_target_s"] if sync["time_to_target_s"] is not None else sync["train_wall_s"]
+    async_t = asynchronous["time_to_target_s"]
+    async_t = async_t if async_t is not None else asynchronous["train_wall_s"]
+    return {
+        "sync_reached": sync["time_to_target_s"] is not None,
+        "async_reached": asynchronous["time_to_target_s"] is not None,
+        "sync_time_s": sync_t,
+        "async_time_s": async_t,
+        "time_ratio": ratio(sync_t, async_t),
+        "rounds_ratio": ratio(
+            sync["rounds_to_target"] or sync["rounds"], asynchronous["rounds_to_target"] or asynchronous["rounds"]
+        ),
+    }
+
+
+def fmt(value: object, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def print_table(rows: list[tuple[str, dict]]) -> None:
+    header = (
+        f"{'run':<28}{'updates':>8}{'wall s':>8}{'upd/s':>8}{'steady':>8}"
+        f"{'t->0.90 s':>10}{'rounds':>7}{'final':>7}{'RSS MB':>8}  stop"
+    )
+    print(header)
+    print("-" * len(header))
+    for name, r in rows:
+        rss = r.get("peak_rss_mb", r.get("driver_peak_rss_mb"))
+        print(
+            f"{name:<28}{r['updates']:>8}{fmt(r['train_wall_s'], 1):>8}{fmt(r['updates_per_s'], 1):>8}"
+            f"{fmt(r.get('steady_updates_per_s'), 1):>8}{fmt(r['time_to_target_s'], 1):>10}{r['rounds']:>7}"
+            f"{fmt(r['final_accuracy'], 3):>7}{fmt(rss, 0):>8}  {r['stopped_by']}"
+        )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--devices", default="100,1000", help="comma-separated fleet sizes for part 1")
+    p.add_argument("--max-minutes", type=float, default=4.0, help="wall-time budget per configuration")
+    p.add_argument("--max-rounds", type=int, default=500)
+    p.add_argument("--local-epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=0.5)
+    p.add_argument("--partition", default="dirichlet", choices=("iid", "dirichlet", "label-skew"))
+    p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--overlap", type=float, default=0.3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--target", type=float, default=0.90)
+    p.add_argument("--extra-rounds", type=int, default=2, help="rounds run after reaching the target")
+    p.add_argument("--fedsync-training", default="auto", choices=("auto", "litert", "keras", "head"))
+    p.add_argument("--fedsync-aggregation", default="async", choices=("async", "sync"))
+    p.add_argument("--predictions-per-round", type=int, default=0)
+    p.add_argument("--flower-trainer", default="batch", choices=("batch", "fit"))
+    p.add_argument("--intermittent-devices", type=int, default=100)
+    p.add_argument("--online-prob", type=float, default=0.5)
+    p.add_argument("--intermittency-seeds", default="0,1,2", help="comma-separated seeds for part 2")
+    p.add_argument("--skip-flower", action="store_true")
+    p.add_argument("--skip-intermittency", action="store_true")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--child-out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.child:
+        result = run_fedsync(json.loads(args.child))
+        Path(args.child_out).write_text(json.dumps(result))
+        return result
+
+    sizes = [int(n) for n in args.devices.split(",") if n.strip()]
+    training = choose_fedsync_training(args.fedsync_training)
+    common = {
+        "local_epochs": args.local_epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "partition": args.partition,
+        "alpha": args.alpha,
+        "overlap": args.overlap,
+        "seed": args.seed,
+        "target": args.target,
+        "extra_rounds": args.extra_rounds,
+        "max_minutes": args.max_minutes,
+        "max_rounds": args.max_rounds,
+    }
+    # A configuration may overrun its budget by one round (plus start-up); beyond this it is hung.
+    timeout_s = args.max_minutes * 60 * 3 + 300
+    started = time.perf_counter()
+    if not args.skip_flower:
+        ensure_flower_venv()
+
+    rows: list[tuple[str, dict]] = []
+    per_size: dict[str, dict] = {}
+    for n in sizes:
+        print(f"[{time.perf_counter() - started:6.0f}s] fedsync, {n} devices ({training}, {args.fedsync_aggregation})")
+        fs = run_fedsync_child(
+            {
+                **common,
+                "devices": n,
+                "aggregation": args.fedsync_aggregation,
+                "online_probability": 1.0,
+                "local_training": training,
+                "predictions_per_round": args.predictions_per_round,
+            },
+            timeout_s,
+        )
+        rows.append((f"fedsync {n} ({training})", fs))
+        entry: dict = {"fedsync": fs}
+        if not args.skip_flower:
+            print(f"[{time.perf_counter() - started:6.0f}s] Flower 1.41, {n} devices (Ray, {args.flower_trainer})")
+            fl = run_flower({**common, "devices": n, "flower_trainer": args.flower_trainer}, timeout_s)
+            rows.append((f"flower {n} (keras {args.flower_trainer})", fl))
+            entry["flower"] = fl
+            entry["speedup"] = ratio(fs["updates_per_s"], fl["updates_per_s"])
+            entry["steady_speedup"] = ratio(fs["steady_updates_per_s"], fl.get("steady_updates_per_s"))
+        per_size[str(n)] = entry
+
+    intermittency: dict[str, dict] = {}  # seed -> {"sync": figures, "async": figures, ratios}
+    seeds = [] if args.skip_intermittency else [int(x) for x in args.intermittency_seeds.split(",") if x.strip()]
+    for seed in seeds:
+        pair: dict = {}
+        for aggregation in ("sync", "async"):
+            print(
+                f"[{time.perf_counter() - started:6.0f}s] fedsync, {args.intermittent_devices} devices, "
+                f"online {args.online_prob:.0%}, {aggregation}, seed {seed}"
+            )
+            r = run_fedsync_child(
+                {
+                    **common,
+                    "seed": seed,
+                    "devices": args.intermittent_devices,
+                    "aggregation": aggregation,
+                    "online_probability": args.online_prob,
+                    "local_training": training,
+                    "predictions_per_round": args.predictions_per_round,
+                },
+                timeout_s,
+            )
+            rows.append((f"fedsync {args.intermittent_devices} p={args.online_prob} {aggregation} s{seed}", r))
+            pair[aggregation] = r
+        pair.update(intermittency_ratios(pair["sync"], pair["async"]))
+        intermittency[str(seed)] = pair
+
+    print()
+    print_table(rows)
+    print()
+
+    def stripped(r: dict) -> dict:
+        return {k: v for k, v in r.items() if k != "accuracy_over_time"}
+
+    headline = per_size[str(sizes[0])] if sizes else {}
+    largest = max(sizes) if sizes else None
+    pairs = list(intermittency.values())
+    summary = {
+        "bench": "vs_flower",
+        "fedsync_training": training,
+        "headline_devices": sizes[0] if sizes else None,
+        "fedsync_updates_per_s": headline.get("fedsync", {}).get("updates_per_s"),
+        "flower_updates_per_s": headline.get("flower", {}).get("updates_per_s"),
+        "speedup": headline.get("speedup"),
+        "steady_speedup": headline.get("steady_speedup"),
+        "fedsync_final_acc": headline.get("fedsync", {}).get("final_accuracy"),
+        "flower_final_acc": headline.get("flower", {}).get("final_accuracy"),
+        "fedsync_time_to_0.90_s": headline.get("fedsync", {}).get("time_to_target_s"),
+        "flower_time_to_0.90_s": headline.get("flower", {}).get("time_to_target_s"),
+        TARGET_KEY: median([q["time_ratio"] for q in pairs]),
+        "async_vs_sync_rounds_to_0.90": median([q["rounds_ratio"] for q in pairs]),
+        "async_vs_sync_time_ratio_per_seed": {seed: q["time_ratio"] for seed, q in intermittency.items()},
+        "sync_time_to_0.90_s": median([q["sync_time_s"] for q in pairs]),
+        "async_time_to_0.90_s": median([q["async_time_s"] for q in pairs]),
+        "sync_reached_0.90": all(q["sync_reached"] for q in pairs) if pairs else None,
+        "async_reached_0.90": all(q["async_reached"] for q in pairs) if pairs else None,
+        "rss_mb_1000_devices": per_size.get("1000", {}).get("fedsync", {}).get("peak_rss_mb"),
+        f"rss_mb_{largest}_devices": per_size.get(str(largest), {}).get("fedsync", {}).get("peak_rss_mb"),
+        "per_size": {
+            n: {
+                **{k: stripped(v) for k, v in e.items() if isinstance(v, dict)},
+                **{k: v for k, v in e.items() if not isinstance(v, dict)},
+            }
+            for n, e in per_size.items()
+        },
+        "intermittency": {
+            seed: {k: stripped(v) if isinstance(v, dict) else v for k, v in q.items()}
+            for seed, q in intermittency.items()
+        },
+        "settings": {**common, "fedsync_aggregation": args.fedsync_aggregation, "flower_trainer": args.flower_trainer},
+        "bench_wall_s": time.perf_counter() - started,
+    }
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
