@@ -17,16 +17,17 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from client.journal import Durability, Journal
-from client.litert_runtime import InputError, LiteRTClassifier, check_input
+from client.litert_runtime import LiteRTClassifier, check_input, check_sample
 from client.model_store import ModelStore
-from client.predictions import PredictionCache, create_prediction_tables
-from client.process_stats import process_start_unix, resident_memory_mb
-from client.sync import SyncReport, sync_with_retries
+from client.predictions import PREDICTION_TABLES, PredictionCache, create_prediction_tables
+from client.process_stats import process_age_s, resident_memory_mb
 from fedsync.manifest import KERAS, TFLITE_FLOAT32, TFLITE_INT8, TFLITE_TRAINABLE, TFLITE_TRAINABLE_HEAD, Manifest
-from fedsync.wire import ClientTLS
 
 if TYPE_CHECKING:
+    # client.sync and fedsync.wire import grpc (~50 ms): a predict-only process never loads them.
     from client.background import BackgroundSync
+    from client.sync import SyncReport
+    from fedsync.wire import ClientTLS
 
 _classifiers: dict[tuple[str, str], Classifier] = {}
 _classifiers_lock = threading.Lock()
@@ -79,6 +80,15 @@ class Prediction:
     corrected: bool
 
 
+def top1(classifier: Classifier, sample: np.ndarray) -> tuple[int, float]:
+    """(label, confidence) of one sample checked by check_sample."""
+    if isinstance(classifier, LiteRTClassifier):
+        return classifier.top1(sample)
+    probs = classifier.predict_proba(sample)[0]
+    label = int(np.argmax(probs))
+    return label, float(probs[label])
+
+
 def load_classifier(kind: str, path: Path) -> Classifier:
     if kind == KERAS:
         from client.keras_backend import KerasClassifier
@@ -128,10 +138,14 @@ class EdgeClient:
         self.inference_kind = INFERENCE_BACKENDS[inference]
         self.fine_tuning = fine_tuning
         self.journal = Journal(self.home / "journal.db", durability)
-        with self.journal.transaction():
-            create_prediction_tables(self.journal.db)
+        if not self.journal.table_names() >= PREDICTION_TABLES:
+            with self.journal.transaction():
+                create_prediction_tables(self.journal.db)
         self.cache = PredictionCache(self.journal.conn, write_behind=True)
-        self.models = ModelStore(self.home / "models", keep_versions=keep_versions)
+        # A PROCESS-durability device need not fsync its model files either (see client.model_store).
+        self.models = ModelStore(
+            self.home / "models", keep_versions=keep_versions, durable=durability is Durability.POWER
+        )
         self._lock = threading.RLock()
         self._serving: tuple[Classifier, int] | None = None
         self._predictions = 0
@@ -176,7 +190,9 @@ class EdgeClient:
         artifact = manifest.artifact(self.inference_kind)
         if artifact is None:
             raise ValueError(f"no {self.inference_kind} artifact")
-        classifier = load_classifier(self.inference_kind, version_dir / artifact.name)
+        # The store has checked the file against this sha256: an interpreter already loaded from the
+        # same bytes in this process is as good a test, and is the one predict() will then serve.
+        classifier = shared_classifier(self.inference_kind, version_dir / artifact.name, artifact.sha256)
         expected = tuple(manifest.inputs[0].shape[1:])
         if tuple(classifier.input_shape[1:]) != expected:
             raise ValueError(f"model input shape {classifier.input_shape} does not match manifest {expected}")
@@ -191,12 +207,14 @@ class EdgeClient:
     # -- inference -------------------------------------------------------------------------
 
     def predict(self, x: np.ndarray) -> Prediction:
-        """Run the installed model on one sample and journal the event (works offline)."""
+        """Run the installed model on one sample and journal the event (works offline).
+
+        The event is committed before this returns, one commit per call (no group commit): in the
+        WAL under Durability.PROCESS (survives kill -9 of the process), fsynced under
+        Durability.POWER (survives a power cut)."""
         start = time.perf_counter_ns()
-        sample = check_input(x)
-        if len(sample) != 1:
-            raise InputError(f"predict takes one sample, got a batch of {len(sample)}")
-        input_hash = hashlib.sha256(sample.tobytes()).digest()
+        sample = check_sample(x)
+        input_hash = hashlib.sha256(sample).digest()
         with self._lock:
             classifier, version = self._classifier()
             cached = self.cache.get(input_hash, version)
@@ -208,19 +226,27 @@ class EdgeClient:
                     cached.corrected,
                 )
             else:
-                probs = classifier.predict_proba(sample)[0]
-                model_label = int(np.argmax(probs))
-                confidence = float(probs[model_label])
+                model_label, confidence = top1(classifier, sample)
                 correction = self.cache.correction(input_hash)
                 corrected = correction is not None and correction.label != model_label
                 label = correction.label if correction is not None else model_label
             latency_us = (time.perf_counter_ns() - start) / 1e3
-            with _journal_writes(), self.journal.transaction():
-                (seq,) = self.journal.append_events([(input_hash, model_label, confidence, version, latency_us)])
-                if cached is None:
-                    self.cache.put(input_hash, version, label, confidence, corrected)
-                self._record_inference_stats(seq, latency_us)
+            with _journal_writes():
+                if not (self._inference_stats_due() or self.cache.flush_due()):
+                    # The common case: the event alone, one INSERT that is its own transaction.
+                    seq = self.journal.append_event(input_hash, model_label, confidence, version, latency_us)
+                    self._predictions += 1
+                else:
+                    with self.journal.transaction():
+                        seq = self.journal.append_event(input_hash, model_label, confidence, version, latency_us)
+                        self.cache.flush()
+                        self._record_inference_stats(seq, latency_us)
+            if cached is None:
+                self.cache.put(input_hash, version, label, confidence, corrected)
         return Prediction(label, confidence, model_label, version, seq, cached is not None, corrected)
+
+    def _inference_stats_due(self) -> bool:
+        return not _first_prediction_done or self._predictions % RSS_SAMPLE_EVERY == 0
 
     def _record_inference_stats(self, seq: int, latency_us: float) -> None:
         """Cold start once per process; resident memory every RSS_SAMPLE_EVERY warm inferences."""
@@ -228,7 +254,7 @@ class EdgeClient:
         self._predictions += 1
         if not _first_prediction_done:
             _first_prediction_done = True
-            cold_start_s = time.time() - process_start_unix()
+            cold_start_s = process_age_s()
             self.journal.record_inference_stats(seq, "cold", latency_us, resident_memory_mb(), cold_start_s)
         elif self._predictions % RSS_SAMPLE_EVERY == 1:
             self.journal.record_inference_stats(seq, "warm", latency_us, resident_memory_mb(), None)
@@ -339,6 +365,8 @@ class EdgeClient:
 
     def sync(self, address: str, *, timeout_s: float = 30.0, attempts: int = 3) -> SyncReport:
         """Send what is pending, pull corrections and the newest model (see client.sync)."""
+        from client.sync import sync_with_retries
+
         return sync_with_retries(self, address, timeout_s=timeout_s, attempts=attempts)
 
     def sync_in_background(self, address: str, *, interval_s: float = 30.0) -> BackgroundSync:

@@ -34,6 +34,7 @@ __all__ = [
     "LiteRTTrainer",
     "ModelFormatError",
     "check_input",
+    "check_sample",
 ]
 
 NUM_FEATURES = 64
@@ -130,6 +131,32 @@ def check_input(x: Any, expected_shape_tail: tuple[int, ...] = (NUM_FEATURES,)) 
             f"(first bad sample index {int(rows[0])})"
         )
     return out
+
+
+_FLOAT32 = np.dtype(np.float32)
+_SAMPLE_SHAPES = ((NUM_FEATURES,), (1, NUM_FEATURES))
+
+
+def check_sample(x: Any) -> np.ndarray:
+    """One sample, ``(64,)`` or ``(1, 64)``, validated like :func:`check_input` and returned as it
+    returns it: a ``(1, 64)`` C-contiguous float32 array.
+
+    What callers usually pass (a C-contiguous float32 ndarray) takes a fast path: attribute
+    compares and one ``np.isfinite``, no conversion. Anything else, and a non-finite sample for
+    its error message, goes through :func:`check_input`.
+    """
+    if (
+        type(x) is np.ndarray
+        and x.dtype == _FLOAT32
+        and x.shape in _SAMPLE_SHAPES
+        and x.flags.c_contiguous
+        and np.isfinite(x).all()
+    ):
+        return x.reshape(1, NUM_FEATURES)
+    batch = check_input(x)
+    if len(batch) != 1:
+        raise InputError(f"predict takes one sample, got a batch of {len(batch)}")
+    return batch
 
 
 def _check_labels(y: Any, n: int, num_classes: int) -> np.ndarray:
@@ -238,9 +265,9 @@ class LiteRTClassifier:
     resized with ``resize_tensor_input`` + ``allocate_tensors`` only when the batch size
     differs from the previous batch call.
 
-    Models whose input/output tensors are themselves quantized (int8/uint8 I/O) are also
-    supported: inputs are quantized and outputs dequantized here. The models produced by
-    ``fedsync.tflite_export.to_tflite_int8`` keep float32 I/O, so this is not needed for them.
+    Models whose input/output tensors are themselves quantized (int8/uint8 I/O, as produced
+    by ``fedsync.tflite_export.to_tflite_int8``) take the same float32 inputs: they are
+    quantized here with the input tensor's scale and zero point, and outputs dequantized.
 
     Attributes:
         input_shape: the model's input shape signature, e.g. ``(-1, 64)``; -1 = dynamic.
@@ -278,6 +305,7 @@ class LiteRTClassifier:
             )
         self.input_shape: tuple[int, ...] = in_sig
         self.input_dtype: np.dtype = np.dtype(inputs[0]["dtype"])
+        self._plain_float_input = self.input_dtype == np.float32
         self.num_outputs: int = out_sig[1]
         self._feature_shape = in_sig[1:]
         self._dynamic_batch = in_sig[0] == -1
@@ -286,6 +314,9 @@ class LiteRTClassifier:
         self._out_quant = _quant_params(outputs[0])
         if self.input_dtype.kind != "f" and self._in_quant is None:
             raise ModelFormatError(f"classifier: unsupported non-quantized input dtype {self.input_dtype}")
+        if self._in_quant is not None:
+            info = np.iinfo(self.input_dtype)
+            self._in_range = (float(info.min), float(info.max))
         self._single = self._allocate(interpreter, inputs[0]["index"], outputs[0]["index"], 1)
         self._batch: _Slot | None = None
 
@@ -314,9 +345,13 @@ class LiteRTClassifier:
         if self._in_quant is None:
             return x if self.input_dtype == np.float32 else x.astype(self.input_dtype)
         scale, zero_point = self._in_quant
-        info = np.iinfo(self.input_dtype)
-        q = np.round(x / scale) + zero_point
-        return np.clip(q, info.min, info.max).astype(self.input_dtype)
+        low, high = self._in_range
+        # In place on one temporary: np.clip and fresh arrays per step cost more than the model.
+        q = np.rint(x / np.float32(scale))
+        q += zero_point
+        np.minimum(q, high, out=q)
+        np.maximum(q, low, out=q)
+        return q.astype(self.input_dtype)
 
     def _from_model_output(self, y: np.ndarray) -> np.ndarray:
         if self._out_quant is None:
@@ -345,6 +380,29 @@ class LiteRTClassifier:
     def predict(self, x: Any) -> np.ndarray:
         """Most likely class index per sample, int64 ``(n,)``."""
         return np.argmax(self.predict_proba(x), axis=1)
+
+    def top1(self, sample: np.ndarray) -> tuple[int, float]:
+        """(class, probability) of the most likely class of one sample that :func:`check_input`
+        would return unchanged: shape ``(1, *features)``, float32, C-contiguous, finite.
+
+        The per-call path of ``EdgeClient.predict``: no re-validation, and a quantized output is
+        dequantized only at the winning class (the scale is positive, so the argmax, first index
+        on ties, is the same as on the dequantized probabilities)."""
+        if self._fixed_batch not in (None, 1):
+            raise InputError(f"model has a fixed batch size {self._fixed_batch}, got 1 sample")
+        model_in = sample if self._plain_float_input else self._to_model_input(sample)
+        slot = self._single
+        with self._lock:
+            slot.interpreter.set_tensor(slot.input_index, model_in)
+            slot.interpreter.invoke()
+            out = slot.interpreter.get_tensor(slot.output_index)[0]
+        label = int(out.argmax())
+        value = out.item(label)
+        if self._out_quant is not None:
+            scale, zero_point = self._out_quant
+            # float32 like _from_model_output, so both paths report the same confidence.
+            value = np.float32((np.float32(value) - np.float32(zero_point)) * np.float32(scale))
+        return label, float(value)
 
 
 # --------------------------------------------------------------------------- trainable models

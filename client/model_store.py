@@ -4,6 +4,12 @@ Install = fetch into `.staging-vN/`, verify every sha256 and that the manifest f
 fsync, rename to `vN/`, smoke-test, then switch CURRENT with an atomic rename. A crash at any
 point leaves CURRENT on a complete, verified version; a failed verification or smoke test leaves
 it where it was.
+
+A store that is not `durable` (a client journaling with Durability.PROCESS) skips the fsyncs: the
+renames alone keep every step atomic against a crash or kill -9 of the process. A power cut may
+then leave the newest versions' files empty on disk, so such a store checks the current version's
+files against their sha256s when it is opened and rolls back past any that are not intact (the
+next sync fetches them again).
 """
 
 from __future__ import annotations
@@ -43,12 +49,15 @@ class StoredArtifact:
 
 
 class ModelStore:
-    def __init__(self, root: Path, keep_versions: int = 3) -> None:
+    def __init__(self, root: Path, keep_versions: int = 3, *, durable: bool = True) -> None:
         if keep_versions < 1:
             raise ValueError("keep_versions must be at least 1")
         self.root = Path(root)
         self.keep_versions = keep_versions
+        self.durable = durable
         self.root.mkdir(parents=True, exist_ok=True)
+        if not durable:
+            self._roll_back_incomplete()
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -111,6 +120,8 @@ class ModelStore:
         if not wanted:
             raise InstallError(f"version {manifest.version} has none of the artifact kinds {sorted(wanted_kinds)}")
         final = self.version_dir(manifest.version)
+        if final.exists() and not self.durable and not self._intact(manifest.version):
+            shutil.rmtree(final)  # left incomplete by a power cut: fetch it again
         if not final.exists():
             try:
                 self._stage(manifest, wanted, fetch, final)
@@ -133,10 +144,12 @@ class ModelStore:
             if not (path.exists() and path.stat().st_size == artifact.size):
                 fetch(artifact, path)
             self._verify(path, artifact)
-            fsync_path(path)
-        write_atomically(staging / MANIFEST_NAME, manifest.to_json())
+            if self.durable:
+                fsync_path(path)
+        write_atomically(staging / MANIFEST_NAME, manifest.to_json(), durable=self.durable)
         staging.rename(final)
-        fsync_path(self.root)
+        if self.durable:
+            fsync_path(self.root)
 
     @staticmethod
     def _verify(path: Path, artifact: Artifact) -> None:
@@ -151,17 +164,35 @@ class ModelStore:
 
     def _switch(self, version: int) -> None:
         good = [v for v in self.good_versions() if v != version] + [version]
-        write_atomically(self.root / GOOD, " ".join(map(str, good)).encode())
-        write_atomically(self.root / CURRENT, str(version).encode())
+        write_atomically(self.root / GOOD, " ".join(map(str, good)).encode(), durable=self.durable)
+        write_atomically(self.root / CURRENT, str(version).encode(), durable=self.durable)
 
     def rollback(self, reason: str = "") -> int:
         """Go back to the newest good version before the current one; returns it (0: none left)."""
         current = self.current_version()
         good = [v for v in self.good_versions() if v != current]
-        write_atomically(self.root / GOOD, " ".join(map(str, good)).encode())
+        write_atomically(self.root / GOOD, " ".join(map(str, good)).encode(), durable=self.durable)
         previous = good[-1] if good else 0
-        write_atomically(self.root / CURRENT, str(previous).encode())
+        write_atomically(self.root / CURRENT, str(previous).encode(), durable=self.durable)
         return previous
+
+    def _intact(self, version: int) -> bool:
+        """The version's manifest reads and each artifact file it has matches its size and sha256."""
+        try:
+            manifest = self.manifest(version)
+        except ManifestError:
+            return False
+        if manifest is None:
+            return False
+        for artifact in manifest.artifacts:
+            path = self.version_dir(version) / artifact.name
+            if path.exists() and (path.stat().st_size != artifact.size or sha256_file(path) != artifact.sha256):
+                return False
+        return True
+
+    def _roll_back_incomplete(self) -> None:
+        while (version := self.current_version()) != 0 and not self._intact(version):
+            self.rollback(f"version {version} was not intact on disk")
 
     def prune(self, keep_versions: int | None = None) -> list[int]:
         """Remove all but the newest good versions (and leftover staging folders); returns what went."""

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import sqlite3
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import sqlite_utils
+if TYPE_CHECKING:
+    import sqlite_utils
+
+PREDICTION_TABLES = frozenset({"prediction_cache", "corrections"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +45,10 @@ def create_prediction_tables(db: sqlite_utils.Database) -> None:
 class PredictionCache:
     """Cache rows are derived data (the events are the record), so new ones are written behind:
     kept in memory and flushed into the table inside a later event transaction, which saves a
-    B-tree write per prediction. A crash loses only cache rows, never events."""
+    B-tree write per prediction. A crash loses only cache rows, never events.
+
+    With write_behind, put() only touches memory; the owner calls flush() inside one of its
+    transactions once flush_due() (a flush outside a transaction would commit row by row)."""
 
     FLUSH_EVERY = 256
 
@@ -69,6 +76,9 @@ class PredictionCache:
             )
             self._pending.clear()
 
+    def flush_due(self) -> bool:
+        return len(self._pending) >= self.FLUSH_EVERY
+
     def get(self, input_hash: bytes, model_version: int) -> CachedPrediction | None:
         pending = self._pending.get((input_hash, model_version))
         if pending is not None:
@@ -82,8 +92,6 @@ class PredictionCache:
     def put(self, input_hash: bytes, model_version: int, label: int, confidence: float, corrected: bool) -> None:
         if self.write_behind:
             self._pending[(input_hash, model_version)] = CachedPrediction(label, confidence, corrected)
-            if len(self._pending) >= self.FLUSH_EVERY:
-                self.flush()
             return
         self.conn.execute(
             "INSERT OR REPLACE INTO prediction_cache VALUES (?, ?, ?, ?, ?)",

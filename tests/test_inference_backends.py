@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +18,7 @@ from fedsync.cli import main
 from fedsync.sim.data import load_digits_split
 
 TRAIN, TEST = load_digits_split(seed=0)
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -76,3 +80,21 @@ def test_client_stats_on_a_folder_without_a_client_is_one_line(tmp_path: Path, c
     assert main(["client", "stats", "--home", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fedsync: error:") and err.count("\n") == 1
+
+
+def test_process_start_is_known_to_a_clock_tick() -> None:
+    """The cold start is measured from the process's start, which must not be rounded to whole
+    seconds (/proc/stat's btime is): the child's start lies between the parent's clock reading
+    before spawning it (less one 10 ms tick) and its own reading after a 0.3 s sleep."""
+    code = (
+        f"import json, sys, time; sys.path.insert(0, {str(REPO)!r})\n"
+        "from client.process_stats import process_age_s, process_start_unix\n"
+        "time.sleep(0.3)\n"
+        "print(json.dumps([process_start_unix(), process_age_s(), time.time()]))\n"
+    )
+    before = time.time()
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    start, age, now = json.loads(done.stdout)
+    assert before - 0.05 <= start <= now - 0.3 + 0.05
+    assert age >= 0.3

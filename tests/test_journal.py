@@ -81,6 +81,26 @@ def test_seqs_continue_across_close_and_reopen(tmp_path: Path) -> None:
         j.close()
 
 
+def test_append_event_commits_alone_or_joins_a_transaction(journal: Journal, tmp_path: Path) -> None:
+    other = sqlite3.connect(tmp_path / "journal.db")  # another reader sees only committed rows
+    try:
+        assert journal.append_events([_row(0), _row(1)]) == [1, 2]
+        assert journal.append_event(*_row(2)) == 3
+        assert not journal.conn.in_transaction
+        assert _all_event_seqs(other) == [1, 2, 3]
+        with pytest.raises(RuntimeError), journal.transaction():
+            assert journal.append_event(*_row(3)) == 4
+            raise RuntimeError("roll back")
+        assert _all_event_seqs(other) == [1, 2, 3]
+        assert journal.append_event(*_row(4)) == 4  # the rolled-back seq is reused: no hole
+        assert journal.append_events([_row(5)]) == [5]
+        event = journal.event(4)
+        assert event is not None and (event.input_hash, event.label, event.latency_us) == (_row(4)[0], 4, 4.0)
+        assert _all_event_seqs(other) == [1, 2, 3, 4, 5]
+    finally:
+        other.close()
+
+
 def test_iter_event_batches_is_bounded_ordered_and_resumes(journal: Journal) -> None:
     journal.append_events([_row(i) for i in range(10)])
     batches = list(journal.iter_event_batches(0, 3))

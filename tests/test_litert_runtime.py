@@ -28,6 +28,7 @@ from client.litert_runtime import (  # noqa: E402
     LiteRTHeadTrainer,
     ModelFormatError,
     check_input,
+    check_sample,
 )
 from fedsync import tflite_export  # noqa: E402
 from fedsync.model import build_model  # noqa: E402
@@ -149,6 +150,20 @@ def test_classifier_with_quantized_io(trained, digits, float_bytes):
     assert probs.dtype == np.float32
     float_acc = _accuracy(LiteRTClassifier(float_bytes).predict_proba(x_test), y_test)
     assert _accuracy(probs, y_test) >= float_acc - 0.01
+    _assert_top1_matches_probabilities(clf, x_test[:100])
+
+
+def _assert_top1_matches_probabilities(clf: LiteRTClassifier, x: np.ndarray) -> None:
+    probs = clf.predict_proba(x)
+    for sample, row in zip(x, probs, strict=True):
+        label, confidence = clf.top1(sample[None])
+        assert label == int(np.argmax(row))  # first index on ties, like argmax
+        assert confidence == float(row[label])
+
+
+def test_top1_is_argmax_and_max_of_predict_proba(float_bytes, digits):
+    _, x_test, _, _ = digits
+    _assert_top1_matches_probabilities(LiteRTClassifier(float_bytes), x_test[:100])
 
 
 # --------------------------------------------------------------------------- trainable head
@@ -350,6 +365,37 @@ def test_check_input_accepts_and_converts():
     assert check_input(same) is same  # no copy for the common case
     assert check_input(np.zeros((0, 64))).shape == (0, 64)
     assert check_input(np.zeros((2, 8, 8)), expected_shape_tail=(8, 8)).shape == (2, 8, 8)
+
+
+def test_check_sample_returns_what_check_input_returns():
+    x = np.linspace(0, 1, 64, dtype=np.float32)
+    fast = check_sample(x)
+    assert fast.shape == (1, 64) and fast.dtype == np.float32 and fast.flags.c_contiguous
+    assert np.shares_memory(fast, x)  # the common case is a view, no copy
+    assert np.shares_memory(check_sample(x[None]), x)
+    huge = np.full(64, np.finfo(np.float32).max, np.float32)  # finite: accepted
+    assert np.shares_memory(check_sample(huge), huge)
+    # Everything the fast path does not take is decided by check_input, with its result.
+    for value in (x.astype(np.float64), np.arange(64, dtype=np.int16), x.tolist(), np.repeat(x, 2)[::2]):
+        got = check_sample(value)
+        np.testing.assert_array_equal(got, check_input(value))
+        assert got.dtype == np.float32 and got.flags.c_contiguous and got.shape == (1, 64)
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [
+        (np.where(np.arange(64) == 5, np.nan, 0.5).astype(np.float32), "1 NaN"),
+        (np.where(np.arange(64) == 5, -np.inf, 0.5).astype(np.float32), "1 Inf"),
+        (np.zeros(63, np.float32), "shape"),
+        (np.zeros((2, 64), np.float32), "one sample"),
+        (np.zeros((1, 1, 64), np.float32), "shape"),
+        (np.zeros(64, bool), "bool"),
+    ],
+)
+def test_check_sample_rejects(value, match):
+    with pytest.raises(InputError, match=match):
+        check_sample(value)
 
 
 def test_predict_rejects_bad_inputs(float_bytes, head_bytes):

@@ -487,3 +487,49 @@ def test_storage_report_ignores_staging_and_pointer_files(store: ModelStore, src
     names = {(a.version, a.name) for a in store.storage_report()}
     assert names == {(1, "model-tflite-float32.bin"), (1, MANIFEST_NAME)}
     assert (store.root / GOOD).exists()
+
+
+# -- stores that are not durable (Durability.PROCESS clients) -------------------------------------
+
+
+def test_durable_store_fsyncs_and_a_process_durability_store_does_not(
+    tmp_path: Path, src: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    pub = publish(src, 1)
+    install(ModelStore(tmp_path / "durable"), pub)
+    assert synced
+    synced.clear()
+    lean = ModelStore(tmp_path / "lean", durable=False)
+    assert install(lean, pub) == 1 and lean.current_version() == 1
+    assert synced == []
+
+
+@pytest.mark.parametrize("lost", ["model-keras.bin", MANIFEST_NAME])
+def test_reopened_store_rolls_back_a_version_a_power_cut_left_empty(tmp_path: Path, src: Path, lost: str) -> None:
+    store = ModelStore(tmp_path / "models", durable=False)
+    pubs = [publish(src, v) for v in (1, 2)]
+    for pub in pubs:
+        install(store, pub)
+    (store.version_dir(2) / lost).write_bytes(b"")  # written, renamed, never flushed to disk
+
+    reopened = ModelStore(tmp_path / "models", durable=False)
+    assert reopened.current_version() == 1
+    assert reopened.good_versions() == [1]
+    fetch = FakeFetch(pubs[1].blobs)
+    assert install(reopened, pubs[1], fetch=fetch) == 2  # fetched again, not trusted as installed
+    assert sorted(name for name, _, _ in fetch.calls) == sorted(pubs[1].blobs)
+    assert ModelStore(tmp_path / "models", durable=False).current_version() == 2
+
+
+def test_reopened_store_with_every_version_lost_has_no_model(tmp_path: Path, src: Path) -> None:
+    store = ModelStore(tmp_path / "models", durable=False)
+    install(store, publish(src, 1))
+    (store.version_dir(1) / "model-tflite-float32.bin").write_bytes(b"")
+    assert ModelStore(tmp_path / "models", durable=False).current_version() == 0
+    (store.root / CURRENT).write_bytes(b"")  # the pointer itself lost
+    assert ModelStore(tmp_path / "models", durable=False).current_version() == 0

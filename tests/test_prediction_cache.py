@@ -45,6 +45,22 @@ def test_put_get_by_hash_and_version(cache: PredictionCache) -> None:
     assert got is not None and isinstance(got.corrected, bool) and isinstance(got.label, int)
 
 
+def test_write_behind_rows_reach_the_table_on_flush(journal: Journal) -> None:
+    cache = PredictionCache(journal.conn, write_behind=True)
+    for i in range(cache.FLUSH_EVERY - 1):
+        cache.put(i.to_bytes(32, "big"), 1, i % 10, 0.5, False)
+    assert not cache.flush_due()
+    cache.put(A, 1, 3, 0.9, False)
+    assert cache.flush_due()
+    assert cache.get(A, 1) == CachedPrediction(3, 0.9, False)  # served from memory
+    assert journal.conn.execute("SELECT COUNT(*) FROM prediction_cache").fetchone()[0] == 0
+    with journal.transaction():
+        cache.flush()
+    assert not cache.flush_due()
+    assert journal.conn.execute("SELECT COUNT(*) FROM prediction_cache").fetchone()[0] == cache.FLUSH_EVERY
+    assert cache.get(A, 1) == CachedPrediction(3, 0.9, False)  # now from the table
+
+
 def test_put_replaces_the_same_key(cache: PredictionCache) -> None:
     cache.put(A, 1, 3, 0.9, False)
     cache.put(A, 1, 6, 0.4, True)

@@ -112,15 +112,17 @@ def test_float32_export_matches_keras(trained, digits, float_bytes):
     np.testing.assert_allclose(clf.predict_proba(x_test[3]), expected[3:4], atol=1e-5)
 
 
-def test_int8_export_is_fully_quantized_with_float_io(int8_bytes):
+def test_int8_export_is_fully_quantized_with_int8_io(int8_bytes):
     _assert_builtin_only(int8_bytes)
     interpreter = _plain_interpreter(int8_bytes)
     interpreter.allocate_tensors()
-    assert interpreter.get_input_details()[0]["dtype"] == np.float32
-    assert interpreter.get_output_details()[0]["dtype"] == np.float32
+    for details in (interpreter.get_input_details()[0], interpreter.get_output_details()[0]):
+        assert details["dtype"] == np.int8
+        scale, _ = details["quantization"]
+        assert scale > 0
     ops = interpreter._get_ops_details()
     names = [op["op_name"] for op in ops]
-    assert names[0] == "QUANTIZE" and names[-1] == "DEQUANTIZE", names
+    assert "QUANTIZE" not in names and "DEQUANTIZE" not in names, names
     details = {d["index"]: d for d in interpreter.get_tensor_details()}
     for op in ops:
         if op["op_name"] == "FULLY_CONNECTED":
@@ -131,9 +133,14 @@ def test_int8_export_is_fully_quantized_with_float_io(int8_bytes):
 def test_int8_accuracy_within_one_point_of_float(digits, float_bytes, int8_bytes):
     _, x_test, _, y_test = digits
     acc_float = float(np.mean(LiteRTClassifier(float_bytes).predict(x_test) == y_test))
-    acc_int8 = float(np.mean(LiteRTClassifier(int8_bytes).predict(x_test) == y_test))
+    int8 = LiteRTClassifier(int8_bytes)
+    acc_int8 = float(np.mean(int8.predict(x_test) == y_test))
     print(f"test accuracy float32={acc_float:.4f} int8={acc_int8:.4f} (n={len(y_test)})")
     assert acc_int8 >= acc_float - 0.01
+    # The runtime dequantizes to probabilities in [0, 1] that sum to ~1 (int8 steps of 1/256).
+    probs = int8.predict_proba(x_test)
+    assert probs.dtype == np.float32 and probs.min() >= 0.0 and probs.max() <= 1.0
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=0.05)
 
 
 @pytest.mark.parametrize("hidden_units", [32, 128])
@@ -154,15 +161,12 @@ def test_int8_size(hidden_units, digits, trained):
         f"hidden={hidden_units}: float32 {len(f32)} B, int8 {len(i8)} B, file ratio {ratio:.2f}x; "
         f"weights {_weight_bytes(f32)} B vs {_weight_bytes(i8)} B ({weight_ratio:.2f}x)"
     )
-    # The weight payload itself shrinks ~4x (int8 kernels; biases stay int32).
+    # The weight payload itself shrinks ~4x (int8 kernels; biases stay int32). For a
+    # 2.4k-parameter MLP (hidden=32) the fixed flatbuffer overhead (signature defs, metadata,
+    # quantization parameters) is a large part of the int8 file: measured 2.06x with int8 I/O,
+    # 1.9x when the model kept float I/O and its QUANTIZE/DEQUANTIZE ops.
     assert weight_ratio > 3.5
-    if hidden_units >= 128:
-        assert ratio >= 2.0
-    else:
-        # Measured ~1.9x at hidden=32: for a 2.4k-parameter MLP the fixed flatbuffer
-        # overhead (signature defs, metadata, per-tensor quantization parameters, the extra
-        # QUANTIZE/DEQUANTIZE ops) is ~1.5-3 KB and dominates the int8 file.
-        assert ratio >= 1.8
+    assert ratio >= 2.0
 
 
 def test_int8_rejects_bad_representative_data(trained):
