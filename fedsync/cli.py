@@ -185,7 +185,7 @@ def _certs(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from fedsync.sim.runner import SimulationConfig, SimulationConfigError
+    from fedsync.sim.config import SimulationConfig, SimulationConfigError
 
     report_path = _writable_file(args.report) if args.report else None
     config = SimulationConfig(
@@ -203,6 +203,11 @@ def _simulate(args: argparse.Namespace) -> int:
         local_epochs=args.local_epochs,
         local_training=args.local_training,
         learning_rate=args.lr if args.lr is not None else (0.5 if args.local_training == "head" else 0.1),
+        dropout_prob=args.dropout_prob,
+        speed_min=args.speed_min,
+        speed_max=args.speed_max,
+        backend=args.backend,
+        ray_address=args.ray_address,
     )
     try:
         config.validate()
@@ -414,6 +419,17 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     sim.add_argument("--plot", default=None, help="write a PNG of accuracy over time and versions here")
     sim.add_argument("--lr", type=float, default=None, help="local learning rate (default 0.1 keras, 0.5 head)")
+    sim.add_argument(
+        "--dropout-prob", type=float, default=0.0, help="probability that a sync's link drops after 0-15 messages (the "
+        "device resumes on its next online period)",
+    )  # fmt: skip
+    sim.add_argument("--speed-min", type=float, default=1.0, help="slowest device speed (scales predictions, epochs)")
+    sim.add_argument("--speed-max", type=float, default=1.0, help="fastest device speed")
+    sim.add_argument(
+        "--backend", default="local", help="local (this process) or ray (devices in Ray actors; pip install "
+        "'fedsync[ray]')",
+    )  # fmt: skip
+    sim.add_argument("--ray-address", default=None, help="ray backend: an existing Ray cluster (default: start one)")
     sim.set_defaults(run=_simulate)
 
     client = commands.add_parser("client", help="operate an edge client's folder").add_subparsers(

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +17,9 @@ DEVICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 # Larger than any single message we send (event batches and 1 MiB chunks), with headroom.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 INPUT_HASH_BYTES = 32
+# Client interceptors added to the channels opened in this context (fault injection, e.g. the
+# simulator's mid-sync dropouts). A ContextVar, so syncs on other threads are not affected.
+_extra_interceptors: ContextVar[tuple[object, ...]] = ContextVar("fedsync_channel_interceptors", default=())
 
 
 def channel_options() -> list[tuple[str, int]]:
@@ -46,10 +52,23 @@ class ClientTLS:
         )
 
 
+@contextlib.contextmanager
+def channel_interceptors(*interceptors: object) -> Iterator[None]:
+    """Channels opened by `open_channel` in this context (thread) go through these interceptors."""
+    token = _extra_interceptors.set(_extra_interceptors.get() + interceptors)
+    try:
+        yield
+    finally:
+        _extra_interceptors.reset(token)
+
+
 def open_channel(address: str, tls: ClientTLS | None = None) -> grpc.Channel:
     if tls is None:
-        return grpc.insecure_channel(address, options=channel_options())
-    return grpc.secure_channel(address, tls.channel_credentials(), options=channel_options())
+        channel = grpc.insecure_channel(address, options=channel_options())
+    else:
+        channel = grpc.secure_channel(address, tls.channel_credentials(), options=channel_options())
+    interceptors = _extra_interceptors.get()
+    return grpc.intercept_channel(channel, *interceptors) if interceptors else channel
 
 
 def call_metadata(device_id: str, credential: str | None) -> tuple[tuple[str, str], ...]:

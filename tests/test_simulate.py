@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,4 +52,33 @@ def test_compare_writes_one_report_per_configuration_and_a_plot(tmp_path: Path, 
 def test_compare_with_an_unknown_item_fails_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["simulate", "--compare", "float32,bogus", "--data-dir", str(tmp_path / "sim")]) == 2
     assert capsys.readouterr().err.startswith("fedsync: error: --compare")
+    assert not (tmp_path / "sim").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--dropout-prob", "1.5"], "--dropout-prob must be in [0, 1], got 1.5"),
+        (["--dropout-prob", "-0.1"], "--dropout-prob must be in [0, 1], got -0.1"),
+        (["--speed-min", "0"], "--speed-min and --speed-max must be finite and > 0"),
+        (["--speed-min", "2", "--speed-max", "1"], "--speed-min 2.0 is above --speed-max 1.0"),
+        (["--backend", "dask"], "--backend must be local or ray, got 'dask'"),
+    ],
+)
+def test_bad_simulation_parameters_fail_in_one_line_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture, args: list[str], message: str
+) -> None:
+    assert main(["simulate", "--data-dir", str(tmp_path / "sim"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"fedsync: error: {message}") and err.count("\n") == 1
+    assert not (tmp_path / "sim").exists()
+
+
+def test_ray_backend_without_ray_says_how_to_install_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
+    assert main(["simulate", "--backend", "ray", "--data-dir", str(tmp_path / "sim")]) == 2
+    err = capsys.readouterr().err
+    assert err == "fedsync: error: --backend ray needs Ray: pip install 'fedsync[ray]'\n"
     assert not (tmp_path / "sim").exists()

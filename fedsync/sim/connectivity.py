@@ -78,9 +78,12 @@ class DeviceSchedule:
         self._seed = int(seed)
         self._device_index = int(device_index)
 
-        timeline_seq, speed_seq, dropout_seq = np.random.SeedSequence([self._seed, self._device_index]).spawn(3)
+        # spawn(n) extends spawn(n - 1): adding a stream leaves the earlier streams' draws unchanged.
+        sequences = np.random.SeedSequence([self._seed, self._device_index]).spawn(4)
+        timeline_seq, speed_seq, dropout_seq, cut_seq = sequences
         self._timeline_rng = np.random.default_rng(timeline_seq)
         self._dropout_rng = np.random.default_rng(dropout_seq)
+        self._cut_rng = np.random.default_rng(cut_seq)
         self._speed_factor = float(np.random.default_rng(speed_seq).uniform(model.speed_min, model.speed_max))
 
         self._starts_online = bool(self._timeline_rng.random() < model.online_fraction)
@@ -93,6 +96,7 @@ class DeviceSchedule:
         # _ends[i] is where interval i ends; interval i spans [_ends[i-1], _ends[i]).
         self._ends = np.empty(0)
         self._dropout_draws = np.empty(0)
+        self._cut_draws = np.empty(0)
 
     @property
     def model(self) -> ConnectivityModel:
@@ -134,11 +138,17 @@ class DeviceSchedule:
         p = self._model.dropout_prob
         if p in (0.0, 1.0):
             return p == 1.0
-        if attempt >= self._dropout_draws.size:
-            missing = attempt + 1 - self._dropout_draws.size
-            blocks = [self._dropout_rng.random(_DROPOUT_BLOCK) for _ in range(math.ceil(missing / _DROPOUT_BLOCK))]
-            self._dropout_draws = np.concatenate([self._dropout_draws, *blocks])
+        self._dropout_draws = _draws_through(self._dropout_rng, self._dropout_draws, attempt)
         return bool(self._dropout_draws[attempt] < p)
+
+    def sync_cut_point(self, attempt: int, max_messages: int) -> int | None:
+        """For a dropped sync attempt, how many gRPC messages get through before the link goes
+        (uniform in [0, max_messages)); None when the attempt is not dropped."""
+        _require_int("max_messages", max_messages, minimum=1)
+        if not self.sync_dropped(attempt):
+            return None
+        self._cut_draws = _draws_through(self._cut_rng, self._cut_draws, attempt)
+        return int(self._cut_draws[attempt] * max_messages)
 
     def _next_in_state(self, t: float, online: bool) -> float | None:
         _check_time(t)
@@ -183,6 +193,15 @@ def fleet_schedules(model: ConnectivityModel, num_devices: int, seed: int) -> li
 def online_devices(schedules: Iterable[DeviceSchedule], t: float) -> list[int]:
     """Device indices of the schedules online at time ``t``."""
     return [s.device_index for s in schedules if s.is_online(t)]
+
+
+def _draws_through(rng: np.random.Generator, draws: np.ndarray, index: int) -> np.ndarray:
+    """`draws` extended in fixed blocks until it holds `index`, so a draw never depends on the query order."""
+    if index < draws.size:
+        return draws
+    missing = index + 1 - draws.size
+    blocks = [rng.random(_DROPOUT_BLOCK) for _ in range(math.ceil(missing / _DROPOUT_BLOCK))]
+    return np.concatenate([draws, *blocks])
 
 
 def _check_time(t: float) -> None:

@@ -33,7 +33,10 @@ def run_with_console(configs: Mapping[str, SimulationConfig], console: Console) 
     for name, config in configs.items():
         console.print(
             f"[bold]{name}[/]: {config.devices} devices, {config.rounds} rounds, {config.aggregation} aggregation, "
-            f"{config.local_training} training, {config.codec} deltas, {config.partition} partition, seed {config.seed}"
+            f"{config.local_training} training, {config.codec} deltas, {config.partition} partition, "
+            f"seed {config.seed}, {config.backend} backend"
+            + (f", dropout p={config.dropout_prob}" if config.dropout_prob else "")
+            + (f", speeds {config.speed_min}-{config.speed_max}" if config.speed_min != config.speed_max else "")
         )
         progress = Progress(
             TextColumn("[bold blue]{task.description}"),
@@ -63,7 +66,8 @@ def run_with_console(configs: Mapping[str, SimulationConfig], console: Console) 
             progress.console.print(
                 f"  round {r.round:>3}: {r.online:>4} online, version {r.version:>3}, accuracy {r.accuracy:.3f}, "
                 f"{r.events_synced} events, {r.deltas_synced} deltas, {r.corrections_applied} corrections, "
-                f"{r.wall_s:.1f} s"
+                + (f"{r.syncs_cut} syncs cut, " if r.syncs_cut else "")
+                + f"{r.wall_s:.1f} s"
             )
 
         with progress:
@@ -83,6 +87,13 @@ def print_summary(report: SimulationReport, console: Console) -> None:
         f"conflicts resolved {report.conflicts_resolved}; corrections applied {report.corrections_applied}; "
         f"{report.bytes_up / 2**20:.1f} MiB up, {report.bytes_down / 2**20:.1f} MiB down"
     )
+    if report.syncs_cut:
+        console.print(
+            f"dropouts: {report.syncs_cut} of {report.sync_attempts} syncs cut mid-way "
+            f"({report.sync_dropouts} links dropped, the others after their sync was done; "
+            f"{report.cut_sync_bytes / 2**10:.0f} KiB crossed before the cuts); "
+            f"{report.events_at_coordinator} events at the coordinator"
+        )
     if report.resolved_label_accuracy is not None:
         console.print(
             f"disputed inputs: resolved labels {report.resolved_label_accuracy:.3f} correct, "

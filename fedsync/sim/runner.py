@@ -2,82 +2,45 @@
 syncing over real gRPC with a real coordinator on loopback.
 
 Time is virtual: a round is one tick of the connectivity model. In every round each device works
-locally (predicts on its inputs, fine-tunes once per model version it holds), online or not, and
-the devices that are online sync in a seeded random order. Asynchronous aggregation publishes a
-version whenever the coordinator's buffer fills, so devices later in the same round already
-download it; synchronous FedAvg publishes once per round from that round's deltas.
+locally (predicts on its inputs, fine-tunes once per model version it holds; a device's speed
+scales both), online or not, and the devices that are online sync in a seeded random order; a
+sync drawn to drop loses its link mid-way and resumes on the device's next online period.
+Asynchronous aggregation publishes a version whenever the coordinator's buffer fills, so devices
+later in the same round already download it; synchronous FedAvg publishes once per round from
+that round's deltas.
+
+This module is the driver: it runs the coordinator and orders the rounds. The devices live in a
+fleet: in this process (`local`), or spread over Ray actors (`ray`, see fedsync.sim.ray_backend).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from fedsync.sim.connectivity import ConnectivityModel, fleet_schedules
-from fedsync.sim.data import SCHEMES, load_digits_split, partition
+from fedsync.sim.config import ROUND_SECONDS, SimulationConfig, SimulationConfigError
+from fedsync.sim.connectivity import fleet_schedules
+from fedsync.sim.data import load_digits_split
 
-ROUND_SECONDS = 60.0
+if TYPE_CHECKING:  # the devices bring gRPC and LiteRT: imported when a simulation runs
+    from fedsync.sim.dropout import SyncOutcome
 
-
-class SimulationConfigError(ValueError):
-    """Impossible simulation parameters, reported before any work starts."""
-
-
-@dataclass(frozen=True)
-class SimulationConfig:
-    devices: int = 20
-    rounds: int = 8
-    seed: int = 0
-    data_dir: Path = Path(".fedsync/sim")
-    partition: str = "dirichlet"
-    alpha: float = 1.0
-    overlap: float = 0.3
-    online_probability: float = 0.8
-    aggregation: str = "async"  # async | sync
-    buffer_size: int | None = None  # async: deltas per version (default: half the fleet)
-    max_staleness: int = 8
-    codec: str = "float32"
-    local_epochs: int = 5
-    batch_size: int = 16
-    learning_rate: float = 0.1
-    predictions_per_round: int = 8
-    local_training: str = "keras"  # keras (TensorFlow), litert (whole model, no TF) or head (LiteRT head only)
-    address: str = "127.0.0.1:0"
-
-    def validate(self) -> None:
-        if self.devices < 1:
-            raise SimulationConfigError(f"--devices must be at least 1, got {self.devices}")
-        if self.rounds < 1:
-            raise SimulationConfigError(f"--rounds must be at least 1, got {self.rounds}")
-        if self.partition not in SCHEMES:
-            raise SimulationConfigError(f"--partition must be one of {', '.join(SCHEMES)}, got {self.partition!r}")
-        if not self.alpha > 0:
-            raise SimulationConfigError(f"--alpha must be > 0, got {self.alpha}")
-        if not 0.0 <= self.overlap <= 1.0:
-            raise SimulationConfigError(f"--overlap must be in [0, 1], got {self.overlap}")
-        if not 0.0 <= self.online_probability <= 1.0:
-            raise SimulationConfigError(f"--online-prob must be in [0, 1], got {self.online_probability}")
-        if self.aggregation not in ("async", "sync"):
-            raise SimulationConfigError(f"--aggregation must be 'async' or 'sync', got {self.aggregation!r}")
-        if self.buffer_size is not None and self.buffer_size < 1:
-            raise SimulationConfigError(f"--buffer-size must be at least 1, got {self.buffer_size}")
-        if self.local_training not in ("keras", "litert", "head"):
-            raise SimulationConfigError(f"--local-training must be keras, litert or head, got {self.local_training!r}")
-        if self.local_epochs < 1 or self.batch_size < 1 or not self.learning_rate > 0:
-            raise SimulationConfigError("--local-epochs, --batch-size and --lr must be positive")
-        from fedsync.codecs import CodecError, get_codec
-
-        try:
-            get_codec(self.codec)
-        except CodecError as exc:
-            raise SimulationConfigError(f"--codec: {exc}") from None
+__all__ = [
+    "ROUND_SECONDS",
+    "ProgressTick",
+    "RoundFigures",
+    "SimulationConfig",
+    "SimulationConfigError",
+    "SimulationReport",
+    "run_simulation",
+]
 
 
 @dataclass
@@ -90,21 +53,29 @@ class RoundFigures:
     deltas_synced: int
     corrections_applied: int
     wall_s: float
+    syncs_cut: int = 0
 
 
 @dataclass
 class SimulationReport:
     config: dict[str, object]
+    backend: str = "local"
+    device_hosts: int = 1  # processes the devices lived in: 1 locally, the number of Ray actors
     versions: list[dict[str, float]] = field(default_factory=list)
     rounds: list[RoundFigures] = field(default_factory=list)
     events_journaled: int = 0
-    events_synced: int = 0
+    events_synced: int = 0  # acknowledged to the devices (an ack lost to a cut counts on the next sync)
+    events_at_coordinator: int = 0
     deltas_synced: int = 0
     deltas_rejected: int = 0
     conflicts_resolved: int = 0
     corrections_applied: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
+    sync_attempts: int = 0
+    sync_dropouts: int = 0  # attempts whose link was drawn to drop (--dropout-prob)
+    syncs_cut: int = 0  # those whose link dropped before the sync was done
+    cut_sync_bytes: int = 0  # what crossed the link in those attempts before the cut
     final_version: int = 0
     final_accuracy: float = 0.0
     wall_s: float = 0.0
@@ -147,8 +118,11 @@ def _strategy(config: SimulationConfig):
             optimizer=strategy.optimizer,
             buffer_size=config.devices * 2,
         )
-    buffer = config.buffer_size or max(1, config.devices // 2)
-    return Strategy.fedbuff(buffer_size=buffer, max_staleness=config.max_staleness)
+    return Strategy.fedbuff(buffer_size=_async_buffer(config), max_staleness=config.max_staleness)
+
+
+def _async_buffer(config: SimulationConfig) -> int:
+    return config.buffer_size or max(1, config.devices // 2)
 
 
 @dataclass(frozen=True)
@@ -161,29 +135,69 @@ class ProgressTick:
     events_synced: int  # in the whole run so far
 
 
+class Fleet(Protocol):
+    """Where the devices live; the driver tells it when to work and whom to sync."""
+
+    @property
+    def hosts(self) -> int: ...
+
+    def work(self, round_index: int) -> int: ...
+
+    def sync(self, order: list[int], address: str, per_batch: int) -> Iterator[list[SyncOutcome]]:
+        """Sync the devices in `order`; yields outcomes as batches of about `per_batch` devices
+        complete (the driver may aggregate between batches)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class LocalFleet:
+    """Every device in this process, synced one at a time in the driver's order."""
+
+    def __init__(self, config: SimulationConfig) -> None:
+        from fedsync.sim.devices import DeviceGroup
+
+        self.group = DeviceGroup(config, range(config.devices))
+
+    @property
+    def hosts(self) -> int:
+        return 1
+
+    def work(self, round_index: int) -> int:
+        return self.group.work(round_index)
+
+    def sync(self, order: list[int], address: str, per_batch: int) -> Iterator[list[SyncOutcome]]:
+        for i in order:  # one device per batch: later devices see what the earlier ones published
+            yield self.group.sync([i], address)
+
+    def close(self) -> None:
+        self.group.close()
+
+
+def open_fleet(config: SimulationConfig) -> Fleet:
+    if config.backend == "ray":
+        from fedsync.sim.ray_backend import RayFleet
+
+        return RayFleet(config)
+    return LocalFleet(config)
+
+
 def run_simulation(
     config: SimulationConfig,
     on_round: Callable[[RoundFigures], None] | None = None,
     on_progress: Callable[[ProgressTick], None] | None = None,
 ) -> SimulationReport:
     config.validate()
-    from client import Durability, EdgeClient
     from coordinator import Coordinator
     from coordinator.publisher import EvaluationData
+    from fedsync.sim.devices import fleet_shards, ground_truth, reset_devices
 
     started = time.perf_counter()
     root = Path(config.data_dir)
-    shutil.rmtree(root / "devices", ignore_errors=True)
+    reset_devices(config)
     shutil.rmtree(root / "coordinator", ignore_errors=True)
-    train, test = load_digits_split(seed=config.seed)
-    shards = partition(
-        train, config.devices, config.partition, seed=config.seed, alpha=config.alpha, overlap=config.overlap
-    )
-    schedules = fleet_schedules(
-        ConnectivityModel.from_online_probability(config.online_probability, mean_cycle_s=4 * ROUND_SECONDS),
-        config.devices,
-        config.seed,
-    )
+    _, test = load_digits_split(seed=config.seed)
+    schedules = fleet_schedules(config.connectivity(), config.devices, config.seed)
     coordinator = Coordinator(
         root / "coordinator",
         strategy=_strategy(config),
@@ -191,21 +205,10 @@ def run_simulation(
         auto_aggregate=False,
     )
     coordinator.start(config.address)
-    report = SimulationReport(config={k: str(v) for k, v in asdict(config).items()})
-    rng = np.random.default_rng(config.seed)
-    clients = [
-        EdgeClient(
-            root / "devices" / f"device-{i:05d}",
-            f"device-{i:05d}",
-            durability=Durability.PROCESS,
-            fine_tuning=config.local_training,
-        )
-        for i in range(config.devices)
-    ]
-    trained_on: dict[int, int] = {}
-    truth = {
-        hashlib.sha256(x.tobytes()).digest(): int(y) for shard in shards for x, y in zip(shard.x, shard.y, strict=True)
-    }
+    report = SimulationReport(config={k: str(v) for k, v in asdict(config).items()}, backend=config.backend)
+    rng = np.random.default_rng(config.seed)  # the sync order; devices draw from their own streams
+    truth = ground_truth(fleet_shards(config))
+    per_batch = config.devices if config.aggregation == "sync" else _async_buffer(config)
 
     def record_version() -> None:
         manifest = coordinator.aggregator.current_manifest()
@@ -219,40 +222,23 @@ def run_simulation(
             )
 
     record_version()
+    fleet: Fleet | None = None
     try:
+        fleet = open_fleet(config)
+        report.device_hosts = fleet.hosts
         for round_index in range(config.rounds):
             round_start = time.perf_counter()
             t = round_index * ROUND_SECONDS
             figures = RoundFigures(round_index + 1, 0, 0, 0.0, 0, 0, 0, 0.0)
-            for i, client in enumerate(clients):
-                if client.model_version == 0:
-                    continue
-                shard = shards[i]
-                picks = rng.choice(len(shard.x), size=min(config.predictions_per_round, len(shard.x)), replace=False)
-                for row in picks:
-                    client.predict(shard.x[row])
-                    report.events_journaled += 1
-                if trained_on.get(i) != client.model_version:
-                    client.fine_tune(
-                        shard.x,
-                        shard.y,
-                        epochs=config.local_epochs,
-                        batch_size=config.batch_size,
-                        learning_rate=config.learning_rate,
-                        codec=config.codec,
-                        seed=config.seed + round_index * config.devices + i,
-                    )
-                    trained_on[i] = client.model_version
+            report.events_journaled += fleet.work(round_index)
             online = [i for i in range(config.devices) if schedules[i].is_online(t)]
             figures.online = len(online)
-            for done, i in enumerate(rng.permutation(online), start=1):
-                sync = clients[int(i)].sync(coordinator.address, timeout_s=60.0)
-                figures.events_synced += sync.events_sent
-                figures.deltas_synced += sync.deltas_sent
-                figures.corrections_applied += sync.corrections_applied
-                report.deltas_rejected += sync.deltas_rejected
-                report.bytes_up += sync.bytes_up
-                report.bytes_down += sync.bytes_down
+            order = [int(i) for i in rng.permutation(online)]
+            done = 0
+            for outcomes in fleet.sync(order, coordinator.address, per_batch):
+                for outcome in outcomes:
+                    _add_outcome(report, figures, outcome)
+                done += len(outcomes)
                 if config.aggregation == "async" and coordinator.aggregate_now(force=False) is not None:
                     record_version()
                 if on_progress is not None:
@@ -279,24 +265,43 @@ def run_simulation(
             report.corrections_applied += figures.corrections_applied
             if on_round is not None:
                 on_round(figures)
-        report.versions = [
-            {"version": v, "deltas": n, "accuracy": acc if acc is not None else float("nan")}
-            for v, n, acc in coordinator.store.version_history()
-        ]
-        counts = coordinator.store.counts()
-        report.conflicts_resolved = counts["conflicts_resolved"]
-        report.staleness_histogram = {
-            str(staleness): count
-            for staleness, count in coordinator.store.conn.execute(
-                "SELECT staleness, COUNT(*) FROM deltas WHERE status = 'aggregated' GROUP BY staleness ORDER BY 1"
-            )
-        }
-        _resolution_accuracy(coordinator, truth, report)
-        report.final_version = coordinator.version
-        report.final_accuracy = report.versions[-1]["accuracy"]
+        _final_figures(coordinator, truth, report)
     finally:
-        for client in clients:
-            client.close()
+        if fleet is not None:
+            fleet.close()
         coordinator.stop()
     report.wall_s = time.perf_counter() - started
     return report
+
+
+def _add_outcome(report: SimulationReport, figures: RoundFigures, outcome: SyncOutcome) -> None:
+    figures.events_synced += outcome.events_sent
+    figures.deltas_synced += outcome.deltas_sent
+    figures.corrections_applied += outcome.corrections_applied
+    figures.syncs_cut += outcome.cut
+    report.sync_attempts += 1
+    report.sync_dropouts += outcome.dropout
+    report.syncs_cut += outcome.cut
+    report.cut_sync_bytes += outcome.cut_bytes
+    report.deltas_rejected += outcome.deltas_rejected
+    report.bytes_up += outcome.bytes_up
+    report.bytes_down += outcome.bytes_down
+
+
+def _final_figures(coordinator: object, truth: dict[bytes, int], report: SimulationReport) -> None:
+    store = coordinator.store  # type: ignore[attr-defined]
+    report.versions = [
+        {"version": v, "deltas": n, "accuracy": acc if acc is not None else float("nan")}
+        for v, n, acc in store.version_history()
+    ]
+    report.conflicts_resolved = store.counts()["conflicts_resolved"]
+    report.events_at_coordinator = store.conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+    report.staleness_histogram = {
+        str(staleness): count
+        for staleness, count in store.conn.execute(
+            "SELECT staleness, COUNT(*) FROM deltas WHERE status = 'aggregated' GROUP BY staleness ORDER BY 1"
+        )
+    }
+    _resolution_accuracy(coordinator, truth, report)
+    report.final_version = coordinator.version  # type: ignore[attr-defined]
+    report.final_accuracy = report.versions[-1]["accuracy"]

@@ -1,0 +1,106 @@
+"""What a simulation runs: its parameters, checked before any work starts."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedsync.sim.connectivity import ConnectivityModel
+from fedsync.sim.data import SCHEMES
+
+ROUND_SECONDS = 60.0
+BACKENDS = ("local", "ray")
+
+
+class SimulationConfigError(ValueError):
+    """Impossible simulation parameters, reported before any work starts."""
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    devices: int = 20
+    rounds: int = 8
+    seed: int = 0
+    data_dir: Path = Path(".fedsync/sim")
+    partition: str = "dirichlet"
+    alpha: float = 1.0
+    overlap: float = 0.3
+    online_probability: float = 0.8
+    aggregation: str = "async"  # async | sync
+    buffer_size: int | None = None  # async: deltas per version (default: half the fleet)
+    max_staleness: int = 8
+    codec: str = "float32"
+    local_epochs: int = 5
+    batch_size: int = 16
+    learning_rate: float = 0.1
+    predictions_per_round: int = 8
+    local_training: str = "keras"  # keras (TensorFlow), litert (whole model, no TF) or head (LiteRT head only)
+    address: str = "127.0.0.1:0"
+    dropout_prob: float = 0.0  # probability that a sync attempt loses its link mid-way
+    # A device's speed factor (drawn uniformly in [speed_min, speed_max]) scales its predictions and
+    # local epochs per round; 1.0 and 1.0 give every device the nominal workload.
+    speed_min: float = 1.0
+    speed_max: float = 1.0
+    backend: str = "local"  # local (this process) or ray (devices in Ray actors)
+    ray_address: str | None = None  # an existing Ray cluster; None starts a local one
+
+    def validate(self) -> None:
+        if self.devices < 1:
+            raise SimulationConfigError(f"--devices must be at least 1, got {self.devices}")
+        if self.rounds < 1:
+            raise SimulationConfigError(f"--rounds must be at least 1, got {self.rounds}")
+        if self.partition not in SCHEMES:
+            raise SimulationConfigError(f"--partition must be one of {', '.join(SCHEMES)}, got {self.partition!r}")
+        if not self.alpha > 0:
+            raise SimulationConfigError(f"--alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.overlap <= 1.0:
+            raise SimulationConfigError(f"--overlap must be in [0, 1], got {self.overlap}")
+        if not 0.0 <= self.online_probability <= 1.0:
+            raise SimulationConfigError(f"--online-prob must be in [0, 1], got {self.online_probability}")
+        if not 0.0 <= self.dropout_prob <= 1.0:
+            raise SimulationConfigError(f"--dropout-prob must be in [0, 1], got {self.dropout_prob}")
+        if not (math.isfinite(self.speed_min) and math.isfinite(self.speed_max) and self.speed_min > 0):
+            raise SimulationConfigError(
+                f"--speed-min and --speed-max must be finite and > 0, got {self.speed_min} and {self.speed_max}"
+            )
+        if self.speed_min > self.speed_max:
+            raise SimulationConfigError(f"--speed-min {self.speed_min} is above --speed-max {self.speed_max}")
+        if self.aggregation not in ("async", "sync"):
+            raise SimulationConfigError(f"--aggregation must be 'async' or 'sync', got {self.aggregation!r}")
+        if self.buffer_size is not None and self.buffer_size < 1:
+            raise SimulationConfigError(f"--buffer-size must be at least 1, got {self.buffer_size}")
+        if self.local_training not in ("keras", "litert", "head"):
+            raise SimulationConfigError(f"--local-training must be keras, litert or head, got {self.local_training!r}")
+        if self.local_epochs < 1 or self.batch_size < 1 or not self.learning_rate > 0:
+            raise SimulationConfigError("--local-epochs, --batch-size and --lr must be positive")
+        if self.predictions_per_round < 0:
+            raise SimulationConfigError(f"--predictions-per-round must be >= 0, got {self.predictions_per_round}")
+        if self.backend not in BACKENDS:
+            raise SimulationConfigError(f"--backend must be local or ray, got {self.backend!r}")
+        if self.backend == "ray":
+            try:
+                import ray  # noqa: F401
+            except ImportError:
+                raise SimulationConfigError("--backend ray needs Ray: pip install 'fedsync[ray]'") from None
+        from fedsync.codecs import CodecError, get_codec
+
+        try:
+            get_codec(self.codec)
+        except CodecError as exc:
+            raise SimulationConfigError(f"--codec: {exc}") from None
+
+    def connectivity(self) -> ConnectivityModel:
+        return ConnectivityModel.from_online_probability(
+            self.online_probability,
+            mean_cycle_s=4 * ROUND_SECONDS,
+            dropout_prob=self.dropout_prob,
+            speed_min=self.speed_min,
+            speed_max=self.speed_max,
+        )
+
+
+def scaled_workload(nominal: int, speed: float) -> int:
+    """A device's share of a nominal per-round workload: proportional to its speed, at least 1
+    unless the nominal workload is 0."""
+    return max(1, round(nominal * speed)) if nominal > 0 else 0
