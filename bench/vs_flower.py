@@ -118,6 +118,7 @@ def run_fedsync(spec: dict) -> dict:
     quiet_tensorflow_logs()
     import client  # noqa: F401  (imports stay outside the timed run, as on the Flower side)
     import coordinator
+    import coordinator.server  # `coordinator` imports it, and TensorFlow, only on first use
     from fedsync.sim.runner import RoundFigures, SimulationConfig, run_simulation
 
     config = SimulationConfig(

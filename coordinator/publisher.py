@@ -6,10 +6,13 @@ leaves a half-written version where clients could download it.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -27,6 +30,9 @@ from fedsync.manifest import (
     write_atomically,
 )
 from fedsync.model import INPUT_NAME, LABELS, NUM_FEATURES, PREPROCESSING, Weights
+
+if TYPE_CHECKING:
+    import keras
 
 
 @dataclass(frozen=True)
@@ -46,7 +52,10 @@ class ModelPublisher:
         int8: bool = True,
         trainable_head: bool = True,
         trainable: bool = True,
+        reuse_conversions: bool = True,
     ) -> None:
+        """reuse_conversions: convert once per architecture and write each version's weights into
+        that template (see fedsync.tflite_templates) instead of running the converter per version."""
         from fedsync.model import build_model
 
         self.models_dir = Path(models_dir)
@@ -55,6 +64,9 @@ class ModelPublisher:
         self.int8 = int8
         self.trainable_head = trainable_head
         self.trainable = trainable
+        self.reuse_conversions = reuse_conversions
+        # The int8 export depends on its calibration data as well as on the weights.
+        self._calibration_id = hashlib.sha256(np.ascontiguousarray(evaluation.x, dtype=np.float32)).hexdigest()
         self.model = build_model(hidden_units)
 
     def initial_weights(self) -> Weights:
@@ -85,10 +97,21 @@ class ModelPublisher:
         staging.mkdir()
         self.model.save(staging / "model.keras")
         with native_output_silenced():
-            float32 = tflite_export.to_tflite_float32(self.model)
-            int8 = tflite_export.to_tflite_int8(self.model, self.evaluation.x) if self.int8 else None
-            head = tflite_export.to_trainable_head_tflite(self.model) if self.trainable_head else None
-            whole = tflite_export.to_trainable_tflite(self.model) if self.trainable else None
+            float32 = self._export(TFLITE_FLOAT32, tflite_export.to_tflite_float32)
+            int8 = (
+                self._export(
+                    f"{TFLITE_INT8}:{self._calibration_id}",
+                    lambda model: tflite_export.to_tflite_int8(model, self.evaluation.x),
+                )
+                if self.int8
+                else None
+            )
+            head = (
+                self._export(TFLITE_TRAINABLE_HEAD, tflite_export.to_trainable_head_tflite)
+                if self.trainable_head
+                else None
+            )
+            whole = self._export(TFLITE_TRAINABLE, tflite_export.to_trainable_tflite) if self.trainable else None
         (staging / "model.tflite").write_bytes(float32)
         artifacts = [
             describe_artifact(staging / "model.tflite", TFLITE_FLOAT32),
@@ -123,6 +146,14 @@ class ModelPublisher:
         staging.rename(final)
         fsync_path(self.models_dir)
         return manifest
+
+    def _export(self, name: str, export: Callable[[keras.Model], bytes]) -> bytes:
+        """`export` applied to self.model, which holds the version's weights."""
+        if not self.reuse_conversions:
+            return export(self.model)
+        from fedsync.tflite_templates import shared_exporter
+
+        return shared_exporter().export(name, self.model, export)
 
     def load_weights(self, version: int) -> Weights:
         import keras

@@ -29,6 +29,10 @@ def channel_options() -> list[tuple[str, int]]:
         # Each channel its own connections: a fresh sync must not inherit another channel's
         # connection still in reconnect backoff after a cut link.
         ("grpc.use_local_subchannel_pool", 1),
+        # grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, client side (servers ignore it):
+        # a model download (unary-stream) runs on the calling thread instead of starting a thread per
+        # call, which costs more than downloading a small model.
+        ("SingleThreadedUnaryStream", 1),
     ]
 
 
