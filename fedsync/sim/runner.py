@@ -203,6 +203,10 @@ def run_simulation(
         strategy=_strategy(config),
         evaluation=EvaluationData(test.x, test.y),
         auto_aggregate=False,
+        # Publish only what the virtual fleet installs (float32 inference plus its training artifact).
+        publish_int8=False,
+        publish_trainable_head=config.local_training == "head",
+        publish_trainable=config.local_training == "litert",
     )
     coordinator.start(config.address)
     report = SimulationReport(config={k: str(v) for k, v in asdict(config).items()}, backend=config.backend)
