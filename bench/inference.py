@@ -431,6 +431,7 @@ def run(root: Path, train, test, args: argparse.Namespace) -> dict:
         "float_accuracy": round(float_accuracy, 4),
         "int8_accuracy": round(int8_accuracy, 4),
         "keras_accuracy": round(keras_accuracy, 4),
+        "int8_accuracy_drop": round(float_accuracy - int8_accuracy, 5),  # as a fraction of the test split
         "int8_accuracy_drop_points": round((float_accuracy - int8_accuracy) * 100, 3),
         "tensorflow_in_lean_process": tf_loaded,
         "journal_integrity_ok": integrity,
