@@ -28,9 +28,11 @@ the target, or after ``--max-minutes``, or after ``--max-rounds``.
 
 Part 2: fedsync with ``--intermittent-devices`` (100) devices online with probability
 ``--online-prob`` (0.5) at any moment, synchronous FedAvg against asynchronous aggregation on the
-same fleet and seed: time to the target for each, for every seed in ``--intermittency-seeds``
-(default 0,1,2: one seed's ratio swings between about 1.2 and 2.3). ``async_vs_sync_time_to_0.90``
-is the median over seeds of the synchronous time over the asynchronous one (above 1: asynchronous
+same fleet and seed (synchronous FedAvg in rounds, as Flower runs them: a cohort of
+``--cohort-fraction`` of the devices online when a round starts, waited for until every member
+returns an update on the round's version or ``--round-timeout`` rounds pass): time to the target
+for each, for every seed in ``--intermittency-seeds`` (default 0,1,2). ``async_vs_sync_time_to_0.90`` is
+the median over seeds of the synchronous time over the asynchronous one (above 1: asynchronous
 is sooner); ``async_vs_sync_rounds_to_0.90`` is the same on the connectivity model's virtual clock
 (rounds), which leaves out wall-time costs such as publishing a version. When a side never reaches
 the target within its budget, its run time stands in for its time and ``..._reached`` says so.
@@ -136,6 +138,8 @@ def run_fedsync(spec: dict) -> dict:
         learning_rate=float(spec["lr"]),
         predictions_per_round=int(spec["predictions_per_round"]),
         local_training=str(spec["local_training"]),
+        cohort_fraction=float(spec.get("cohort_fraction", 1.0)),
+        round_timeout=int(spec.get("round_timeout", 4)),
     )
     target = float(spec["target"])
     budget_s = float(spec["max_minutes"]) * 60
@@ -364,6 +368,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--intermittency-seeds", default="0,1,2", help="comma-separated seeds for part 2")
     p.add_argument("--skip-flower", action="store_true")
     p.add_argument("--skip-intermittency", action="store_true")
+    p.add_argument("--only-intermittency", action="store_true", help="part 2 only (no part 1, no Flower)")
+    p.add_argument("--cohort-fraction", type=float, default=1.0, help="part 2, sync: Flower's fraction_fit")
+    p.add_argument("--round-timeout", type=int, default=4, help="part 2, sync: rounds a FedAvg round waits")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -373,7 +380,8 @@ def main(argv: list[str] | None = None) -> dict:
         Path(args.child_out).write_text(json.dumps(result))
         return result
 
-    sizes = [int(n) for n in args.devices.split(",") if n.strip()]
+    sizes = [] if args.only_intermittency else [int(n) for n in args.devices.split(",") if n.strip()]
+    args.skip_flower = args.skip_flower or args.only_intermittency
     training = choose_fedsync_training(args.fedsync_training)
     common = {
         "local_epochs": args.local_epochs,
@@ -436,6 +444,8 @@ def main(argv: list[str] | None = None) -> dict:
                     "devices": args.intermittent_devices,
                     "aggregation": aggregation,
                     "online_probability": args.online_prob,
+                    "cohort_fraction": args.cohort_fraction,
+                    "round_timeout": args.round_timeout,
                     "local_training": training,
                     "predictions_per_round": args.predictions_per_round,
                 },
@@ -488,7 +498,13 @@ def main(argv: list[str] | None = None) -> dict:
             seed: {k: stripped(v) if isinstance(v, dict) else v for k, v in q.items()}
             for seed, q in intermittency.items()
         },
-        "settings": {**common, "fedsync_aggregation": args.fedsync_aggregation, "flower_trainer": args.flower_trainer},
+        "settings": {
+            **common,
+            "fedsync_aggregation": args.fedsync_aggregation,
+            "flower_trainer": args.flower_trainer,
+            "cohort_fraction": args.cohort_fraction,
+            "round_timeout": args.round_timeout,
+        },
         "bench_wall_s": time.perf_counter() - started,
     }
     print(json.dumps(summary))

@@ -199,6 +199,8 @@ def _simulate(args: argparse.Namespace) -> int:
         online_probability=args.online_prob,
         aggregation=args.aggregation,
         buffer_size=args.buffer_size,
+        cohort_fraction=args.cohort_fraction,
+        round_timeout=args.round_timeout,
         codec=args.codec,
         local_epochs=args.local_epochs,
         local_training=args.local_training,
@@ -406,6 +408,14 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--online-prob", type=float, default=0.8, help="stationary probability a device is online")
     sim.add_argument("--aggregation", default="async", help="async (buffered, staleness-aware) or sync (FedAvg)")
     sim.add_argument("--buffer-size", type=int, default=None, help="async: deltas per version")
+    sim.add_argument(
+        "--cohort-fraction", type=float, default=1.0, help="sync: fraction of the online devices sampled to train "
+        "each round (Flower's fraction_fit)",
+    )  # fmt: skip
+    sim.add_argument(
+        "--round-timeout", type=int, default=4, help="sync: rounds a FedAvg round waits for its cohort after sending "
+        "the model; then it aggregates the updates that arrived",
+    )  # fmt: skip
     sim.add_argument("--codec", default="float32", help="delta codec: float32, float16, int8, topk:0.1")
     sim.add_argument("--local-epochs", type=int, default=5)
     sim.add_argument(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -63,3 +64,16 @@ def test_simulate_cli_runs_on_ray(tmp_path: Path, local_ray: None) -> None:
     assert report["backend"] == "ray" and report["device_hosts"] == 2
     assert report["final_version"] == 2 and not math.isnan(report["final_accuracy"])
     assert report["versions"][-1]["deltas"] == 4  # synchronous: the round's four deltas together
+
+
+def test_synchronous_fedavg_on_ray_aggregates_only_fresh_cohort_deltas(tmp_path: Path, local_ray: None) -> None:
+    config = small_fleet(tmp_path, rounds=8, backend="ray", aggregation="sync", online_probability=0.5)
+    report = run_simulation(config)
+    assert set(report.staleness_histogram) == {"0"}
+    finished = [r for r in report.fedavg_rounds if r["published"] is not None]
+    assert finished and [r["published"] for r in finished] == list(range(2, report.final_version + 1))
+    for v in report.versions[1:]:
+        assert v["deltas"] == v["delivered"] <= v["cohort"]
+    with sqlite3.connect(config.data_dir / "coordinator" / "coordinator.db") as conn:
+        aggregated = conn.execute("SELECT base_version, aggregated_into FROM deltas WHERE status = 'aggregated'")
+        assert all(into == base + 1 for base, into in aggregated)

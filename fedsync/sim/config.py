@@ -29,6 +29,10 @@ class SimulationConfig:
     online_probability: float = 0.8
     aggregation: str = "async"  # async | sync
     buffer_size: int | None = None  # async: deltas per version (default: half the fleet)
+    # sync: each round's cohort is this fraction of the devices online when it starts (Flower's
+    # fraction_fit), and a round waits at most round_timeout rounds after the one that sends the model.
+    cohort_fraction: float = 1.0
+    round_timeout: int = 4
     max_staleness: int = 8
     codec: str = "float32"
     local_epochs: int = 5
@@ -70,6 +74,10 @@ class SimulationConfig:
             raise SimulationConfigError(f"--aggregation must be 'async' or 'sync', got {self.aggregation!r}")
         if self.buffer_size is not None and self.buffer_size < 1:
             raise SimulationConfigError(f"--buffer-size must be at least 1, got {self.buffer_size}")
+        if not 0.0 < self.cohort_fraction <= 1.0:
+            raise SimulationConfigError(f"--cohort-fraction must be in (0, 1], got {self.cohort_fraction}")
+        if self.round_timeout < 1:
+            raise SimulationConfigError(f"--round-timeout must be at least 1, got {self.round_timeout}")
         if self.local_training not in ("keras", "litert", "head"):
             raise SimulationConfigError(f"--local-training must be keras, litert or head, got {self.local_training!r}")
         if self.local_epochs < 1 or self.batch_size < 1 or not self.learning_rate > 0:

@@ -94,6 +94,11 @@ def print_summary(report: SimulationReport, console: Console) -> None:
             f"{report.cut_sync_bytes / 2**10:.0f} KiB crossed before the cuts); "
             f"{report.events_at_coordinator} events at the coordinator"
         )
+    if report.fedavg_rounds:
+        timed_out = sum(r["delivered"] < r["cohort"] for r in report.fedavg_rounds if r["end_round"] is not None)  # type: ignore[operator]
+        console.print(
+            f"FedAvg rounds: {len(report.fedavg_rounds)}, {timed_out} ended by the timeout without their whole cohort"
+        )
     if report.resolved_label_accuracy is not None:
         console.print(
             f"disputed inputs: resolved labels {report.resolved_label_accuracy:.3f} correct, "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -76,10 +76,11 @@ class DeviceGroup:
             )
             self.devices[i] = _Device(i, client, shards[i], DeviceSchedule(model, config.seed, i))
 
-    def work(self, round_index: int) -> int:
+    def work(self, round_index: int, cohort: Collection[int] | None = None, cohort_version: int = 0) -> int:
         """Each device with a model predicts on some of its inputs and fine-tunes once per model
-        version it receives; a device's speed scales how much it gets through. Returns the number
-        of events journaled."""
+        version it receives; a device's speed scales how much it gets through. With a `cohort`
+        (synchronous FedAvg), only its members fine-tune, and only on `cohort_version`. Returns the
+        number of events journaled."""
         config = self.config
         journaled = 0
         for device in self.devices.values():
@@ -94,7 +95,8 @@ class DeviceGroup:
             for row in rng.choice(len(shard.x), size=count, replace=False):
                 client.predict(shard.x[row])
             journaled += count
-            if device.trained_on != version:
+            trains = cohort is None or (device.index in cohort and version == cohort_version)
+            if trains and device.trained_on != version:
                 client.fine_tune(
                     shard.x,
                     shard.y,

@@ -5,15 +5,18 @@ journals, sharing one LiteRT interpreter per model version within the actor), so
 one actor per CPU of the cluster, not one per device. In each round the actors do their devices'
 local work in parallel; then each actor syncs its online devices, in the driver's seeded order, in
 batches, with the actors' batches running concurrently against the coordinator. The driver
-aggregates after every completed batch (asynchronous aggregation) or once at the round's end
-(synchronous FedAvg); the coordinator's own aggregation loop stays off, as with the local backend.
+aggregates after every completed batch (asynchronous aggregation), or, for synchronous FedAvg,
+checks after every completed batch whether the FedAvg round's cohort has delivered (and at the
+round's end whether it timed out); the coordinator's own aggregation loop stays off, as with the
+local backend.
 
 Reproducibility: every device's data, connectivity, speed, dropouts, predictions and training seeds
 are the same as with the local backend. What differs is the interleaving at the coordinator: the
 local backend syncs one device at a time and aggregates after each, so a seed fixes the whole run;
 here concurrent batches finish in an order Ray decides, which changes which deltas land in which
 version (and how stale they are) from run to run. Synchronous aggregation is the least affected:
-a round's deltas are aggregated together whatever their arrival order.
+a FedAvg round's deltas are aggregated together whatever their arrival order, though devices that
+sync after a round completes mid-round download the new version sooner.
 
 The coordinator listens on loopback, so the actors must run on the driver's machine (a local Ray,
 or a cluster's head node).
@@ -25,7 +28,7 @@ import dataclasses
 import logging
 import math
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +70,8 @@ class RayFleet:
     def hosts(self) -> int:
         return len(self._actors)
 
-    def work(self, round_index: int) -> int:
-        return sum(self._ray.get([a.work.remote(round_index) for a in self._actors]))
+    def work(self, round_index: int, cohort: Collection[int] | None = None, cohort_version: int = 0) -> int:
+        return sum(self._ray.get([a.work.remote(round_index, cohort, cohort_version) for a in self._actors]))
 
     def sync(self, order: list[int], address: str, per_batch: int) -> Iterator[list[SyncOutcome]]:
         ray = self._ray

@@ -6,8 +6,17 @@ locally (predicts on its inputs, fine-tunes once per model version it holds; a d
 scales both), online or not, and the devices that are online sync in a seeded random order; a
 sync drawn to drop loses its link mid-way and resumes on the device's next online period.
 Asynchronous aggregation publishes a version whenever the coordinator's buffer fills, so devices
-later in the same round already download it; synchronous FedAvg publishes once per round from
-that round's deltas.
+later in the same round already download it.
+
+Synchronous FedAvg runs in FedAvg rounds, as Flower does: a FedAvg round starts at the beginning
+of a (simulation) round, samples its cohort among the devices online then (`--cohort-fraction`),
+which download the current version when they sync in that round; only cohort members fine-tune,
+and only on that version. The FedAvg round completes as soon as every cohort member has delivered
+a delta on that version, or at the end of the round `--round-timeout` rounds after the one it
+started in; then the fresh deltas are aggregated (deltas on older versions are refused as stale,
+as Flower drops late results) and the next FedAvg round starts with the next simulation round. So
+with every device online a FedAvg round takes two rounds (send the model, train and return it),
+and a cohort member that goes offline stalls it until the member is back or the timeout passes.
 
 This module is the driver: it runs the coordinator and orders the rounds. The devices live in a
 fleet: in this process (`local`), or spread over Ray actors (`ray`, see fedsync.sim.ray_backend).
@@ -18,7 +27,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -81,6 +90,9 @@ class SimulationReport:
     wall_s: float = 0.0
     accuracy_over_time: list[dict[str, float]] = field(default_factory=list)  # wall_s, version, accuracy
     staleness_histogram: dict[str, int] = field(default_factory=dict)
+    # sync: every FedAvg round (start/end round, version trained, cohort size, members delivered in
+    # time, version published or None); versions also carry their round's cohort and delivered.
+    fedavg_rounds: list[dict[str, int | None]] = field(default_factory=list)
     resolved_label_accuracy: float | None = None  # on disputed inputs: the coordinator's resolved label
     single_device_accuracy: float | None = None  # on the same inputs: each device's own prediction
 
@@ -109,20 +121,105 @@ def _strategy(config: SimulationConfig):
     from fedsync.aggregation import Strategy
 
     if config.aggregation == "sync":
-        # Every delta of a round is aggregated at the round's end, whatever its base version.
-        strategy = Strategy.fedavg(num_clients=config.devices)
-        return Strategy(
-            rule=strategy.rule,
-            staleness=strategy.staleness,
-            max_staleness=None,
-            optimizer=strategy.optimizer,
-            buffer_size=config.devices * 2,
-        )
+        # max_staleness=0: a delta on an older version is refused as stale. The buffer size never
+        # triggers: the driver forces each FedAvg round's aggregation.
+        return Strategy.fedavg(num_clients=config.devices)
     return Strategy.fedbuff(buffer_size=_async_buffer(config), max_staleness=config.max_staleness)
 
 
 def _async_buffer(config: SimulationConfig) -> int:
     return config.buffer_size or max(1, config.devices // 2)
+
+
+@dataclass
+class FedAvgRound:
+    start: int  # the simulation round it started in (0-based)
+    version: int  # the model its cohort trains
+    cohort: frozenset[int]
+    end: int | None = None
+    delivered: int = 0  # cohort members whose delta on `version` arrived in time
+    published: int | None = None  # the version it produced; None if no fresh delta arrived
+
+    def summary(self) -> dict[str, int | None]:
+        return {
+            "start_round": self.start + 1,
+            "end_round": None if self.end is None else self.end + 1,
+            "version": self.version,
+            "cohort": len(self.cohort),
+            "delivered": self.delivered,
+            "published": self.published,
+        }
+
+
+class FedAvgRounds:
+    """Synchronous FedAvg's round state in the driver; who delivered is read from the
+    coordinator's store (buffered deltas whose base is the FedAvg round's version)."""
+
+    def __init__(self, config: SimulationConfig, coordinator: object) -> None:
+        from fedsync.sim.devices import device_id
+
+        self.config = config
+        self.coordinator = coordinator
+        self.rng = np.random.default_rng([config.seed, 1])  # apart from the sync order's stream
+        self.index = {device_id(i): i for i in range(config.devices)}
+        self.current: FedAvgRound | None = None
+        self.done: list[FedAvgRound] = []
+
+    def start(self, round_index: int, online: list[int]) -> None:
+        """Start a FedAvg round if none is running and some device is online to train."""
+        if self.current is not None or not online:
+            return
+        size = max(1, round(self.config.cohort_fraction * len(online)))
+        cohort = frozenset(int(i) for i in self.rng.choice(online, size=size, replace=False))
+        self.current = FedAvgRound(round_index, self.coordinator.version, cohort)  # type: ignore[attr-defined]
+
+    def training(self) -> tuple[frozenset[int], int]:
+        """Who fine-tunes this round, on which version: nobody between FedAvg rounds."""
+        if self.current is None:
+            return frozenset(), 0
+        return self.current.cohort, self.current.version
+
+    def _fresh(self) -> list[tuple[str, int]]:
+        """The buffered deltas on the current FedAvg round's version."""
+        store = self.coordinator.store  # type: ignore[attr-defined]
+        assert self.current is not None
+        with store.lock:
+            return store.conn.execute(
+                "SELECT device_id, seq FROM deltas WHERE status = 'buffered' AND base_version = ?",
+                (self.current.version,),
+            ).fetchall()
+
+    def complete(self) -> bool:
+        if self.current is None:
+            return False
+        return {self.index.get(d) for d, _ in self._fresh()} >= self.current.cohort
+
+    def timed_out(self, round_index: int) -> bool:
+        return self.current is not None and round_index >= self.current.start + self.config.round_timeout
+
+    def close(self, round_index: int) -> bool:
+        """Aggregate the FedAvg round's fresh deltas; True if that published a version."""
+        current = self.current
+        assert current is not None
+        fresh = self._fresh()
+        # Only a FedAvg round that timed out with nothing leaves its version current, and then a
+        # past member's delta on it may arrive in the next round: like a late result, it is dropped.
+        outsiders = [(d, seq, "not in the cohort") for d, seq in fresh if self.index.get(d) not in current.cohort]
+        if outsiders:
+            self.coordinator.store.commit_version_rejections(outsiders)  # type: ignore[attr-defined]
+        published = self.coordinator.aggregate_now(force=True)  # type: ignore[attr-defined]
+        current.end = round_index
+        if published is not None:
+            current.published = published.version
+            store = self.coordinator.store  # type: ignore[attr-defined]
+            with store.lock:
+                used = store.conn.execute(
+                    "SELECT device_id FROM deltas WHERE aggregated_into = ?", (published.version,)
+                ).fetchall()
+            current.delivered = len({self.index.get(d) for (d,) in used} & current.cohort)
+        self.done.append(current)
+        self.current = None
+        return published is not None
 
 
 @dataclass(frozen=True)
@@ -141,7 +238,9 @@ class Fleet(Protocol):
     @property
     def hosts(self) -> int: ...
 
-    def work(self, round_index: int) -> int: ...
+    def work(self, round_index: int, cohort: Collection[int] | None = None, cohort_version: int = 0) -> int:
+        """Every device's local work; with a cohort, only its members fine-tune, on that version."""
+        ...
 
     def sync(self, order: list[int], address: str, per_batch: int) -> Iterator[list[SyncOutcome]]:
         """Sync the devices in `order`; yields outcomes as batches of about `per_batch` devices
@@ -163,8 +262,8 @@ class LocalFleet:
     def hosts(self) -> int:
         return 1
 
-    def work(self, round_index: int) -> int:
-        return self.group.work(round_index)
+    def work(self, round_index: int, cohort: Collection[int] | None = None, cohort_version: int = 0) -> int:
+        return self.group.work(round_index, cohort, cohort_version)
 
     def sync(self, order: list[int], address: str, per_batch: int) -> Iterator[list[SyncOutcome]]:
         for i in order:  # one device per batch: later devices see what the earlier ones published
@@ -213,6 +312,7 @@ def run_simulation(
     rng = np.random.default_rng(config.seed)  # the sync order; devices draw from their own streams
     truth = ground_truth(fleet_shards(config))
     per_batch = config.devices if config.aggregation == "sync" else _async_buffer(config)
+    fedavg = FedAvgRounds(config, coordinator) if config.aggregation == "sync" else None
 
     def record_version() -> None:
         manifest = coordinator.aggregator.current_manifest()
@@ -234,9 +334,13 @@ def run_simulation(
             round_start = time.perf_counter()
             t = round_index * ROUND_SECONDS
             figures = RoundFigures(round_index + 1, 0, 0, 0.0, 0, 0, 0, 0.0)
-            report.events_journaled += fleet.work(round_index)
             online = [i for i in range(config.devices) if schedules[i].is_online(t)]
             figures.online = len(online)
+            if fedavg is not None:
+                fedavg.start(round_index, online)
+                report.events_journaled += fleet.work(round_index, *fedavg.training())
+            else:
+                report.events_journaled += fleet.work(round_index)
             order = [int(i) for i in rng.permutation(online)]
             done = 0
             for outcomes in fleet.sync(order, coordinator.address, per_batch):
@@ -244,6 +348,8 @@ def run_simulation(
                     _add_outcome(report, figures, outcome)
                 done += len(outcomes)
                 if config.aggregation == "async" and coordinator.aggregate_now(force=False) is not None:
+                    record_version()
+                if fedavg is not None and fedavg.complete() and fedavg.close(round_index):
                     record_version()
                 if on_progress is not None:
                     latest = report.accuracy_over_time[-1]
@@ -257,7 +363,7 @@ def run_simulation(
                             report.events_synced + figures.events_synced,
                         )
                     )
-            if config.aggregation == "sync" and coordinator.aggregate_now(force=True) is not None:
+            if fedavg is not None and fedavg.timed_out(round_index) and fedavg.close(round_index):
                 record_version()
             manifest = coordinator.aggregator.current_manifest()
             figures.version = manifest.version
@@ -270,6 +376,8 @@ def run_simulation(
             if on_round is not None:
                 on_round(figures)
         _final_figures(coordinator, truth, report)
+        if fedavg is not None:
+            _fedavg_figures(fedavg, report)
     finally:
         if fleet is not None:
             fleet.close()
@@ -290,6 +398,16 @@ def _add_outcome(report: SimulationReport, figures: RoundFigures, outcome: SyncO
     report.deltas_rejected += outcome.deltas_rejected
     report.bytes_up += outcome.bytes_up
     report.bytes_down += outcome.bytes_down
+
+
+def _fedavg_figures(fedavg: FedAvgRounds, report: SimulationReport) -> None:
+    unfinished = [fedavg.current] if fedavg.current is not None else []
+    report.fedavg_rounds = [r.summary() for r in fedavg.done + unfinished]
+    by_version = {r.published: r for r in fedavg.done if r.published is not None}
+    for entry in report.versions:
+        r = by_version.get(int(entry["version"]))
+        if r is not None:
+            entry.update(cohort=len(r.cohort), delivered=r.delivered, rounds=r.end - r.start + 1)  # type: ignore[operator]
 
 
 def _final_figures(coordinator: object, truth: dict[bytes, int], report: SimulationReport) -> None:
