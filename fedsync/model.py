@@ -42,7 +42,7 @@ def compile_for_training(model: keras.Model, learning_rate: float = 0.05) -> Non
 
 
 def weight_name(model: keras.Model, variable: keras.Variable) -> str:
-    """"hidden/kernel": the variable path without the model's own name, which differs between a
+    """The variable path ("hidden/kernel") without the model's own name, which differs between a
     freshly built and a reloaded model."""
     prefix = model.name + "/"
     return variable.path[len(prefix) :] if variable.path.startswith(prefix) else variable.path
