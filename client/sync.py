@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import grpc
 from tenacity import (
@@ -36,7 +38,15 @@ if TYPE_CHECKING:
 
 EVENT_BATCH_SIZE = 8192
 EVENT_WINDOW = 8  # batches in flight before waiting for acks: bounds memory and resend cost
-DELTA_CHUNK_BYTES = 1 << 20
+# Under the 4 MiB default message limit; 2 MiB measured steadier and faster than 1 MiB on loopback.
+# A resumed upload starts at the coordinator's byte offset: it resends no chunk the coordinator has.
+DELTA_CHUNK_BYTES = 2 << 20
+# Reading deltas memory-mapped is several times faster (a payload spans thousands of overflow
+# pages, each one read() otherwise), but an I/O error of the storage under a mapping kills the
+# process with SIGBUS instead of raising. Edge storage (SD cards) fails like that, so it is off;
+# set it (e.g. 1 << 30) where the storage is trusted. About 30 ms per 50 MB uploaded.
+JOURNAL_MMAP_BYTES = 0
+DOWNLOAD_WRITES_AHEAD = 4  # chunks received but not yet written, at most
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED})
 
 
@@ -130,7 +140,13 @@ class _Session:
         self.metadata = call_metadata(client.device_id, client.credential)
         self.report = SyncReport()
         # Its own connection, so inference and fine-tuning go on while the sync runs.
-        self.journal = Journal(client.journal.path, client.journal.durability, create=False)
+        self.journal = self._open_journal(mmap=True)
+
+    def _open_journal(self, *, mmap: bool = False) -> Journal:
+        journal = Journal(self.client.journal.path, self.client.journal.durability, create=False)
+        if mmap and JOURNAL_MMAP_BYTES:
+            journal.conn.execute(f"PRAGMA mmap_size = {JOURNAL_MMAP_BYTES}")
+        return journal
 
     def run(self) -> SyncReport:
         try:
@@ -166,7 +182,7 @@ class _Session:
         stop = threading.Event()
 
         def batches() -> Iterator[pb.EventBatch]:
-            reader = Journal(journal.path, journal.durability, create=False)  # gRPC reads this in its own thread
+            reader = self._open_journal()  # gRPC reads this in its own thread
             try:
                 for columns in reader.iter_event_columns(high_water, EVENT_BATCH_SIZE):
                     while not window.acquire(timeout=0.1):
@@ -239,7 +255,7 @@ class _Session:
 
             def chunks(header: pb.DeltaHeader = header, offset: int = offset) -> Iterator[pb.DeltaChunk]:
                 yield pb.DeltaChunk(header=header)
-                reader = Journal(journal.path, journal.durability, create=False)  # read in gRPC's thread
+                reader = self._open_journal(mmap=True)  # read in gRPC's thread
                 try:
                     for chunk in reader.read_payload(header.seq, offset, DELTA_CHUNK_BYTES):
                         self.report.bytes_up += len(chunk)
@@ -326,11 +342,26 @@ class _Session:
         if offset > artifact.size:
             path.unlink()
             offset = 0
-        with open(path, "ab") as f:
-            request = pb.DownloadArtifactRequest(version=version, name=artifact.name, offset=offset)
+        request = pb.DownloadArtifactRequest(version=version, name=artifact.name, offset=offset)
+        # Chunks are written by a thread of their own, in order, while the next ones arrive: writing
+        # to new pages of the page cache can take as long as the transfer. Leaving the block waits
+        # for the writes, so a cut download keeps every chunk it received.
+        with open(path, "ab", buffering=0) as f, ThreadPoolExecutor(1, "fedsync-download") as writer:
+            writes: deque[Future[None]] = deque()
             for chunk in self.stub.DownloadArtifact(request, metadata=self.metadata, timeout=self.timeout_s):
-                if chunk.offset != f.tell():
-                    raise InstallError(f"{artifact.name}: chunk at offset {chunk.offset}, expected {f.tell()}")
-                f.write(chunk.data)
-                self.report.bytes_down += len(chunk.data)
-            f.flush()
+                if chunk.offset != offset:
+                    raise InstallError(f"{artifact.name}: chunk at offset {chunk.offset}, expected {offset}")
+                data = chunk.data  # each access to a bytes field copies it
+                writes.append(writer.submit(_write_all, f, data))
+                if len(writes) > DOWNLOAD_WRITES_AHEAD:
+                    writes.popleft().result()
+                offset += len(data)
+                self.report.bytes_down += len(data)
+            for write in writes:
+                write.result()
+
+
+def _write_all(f: BinaryIO, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[f.write(view) :]

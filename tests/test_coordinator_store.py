@@ -272,6 +272,33 @@ def test_corrections_are_queued_exactly_once(store: CoordinatorStore) -> None:
     assert store.corrections_after("weak", last.cursor, 10) == []
 
 
+def test_an_input_seen_by_many_devices_resolves_as_one_seen_by_few(tmp_path: Path) -> None:
+    """The in-memory index keeps one, a few, and many observations of an input differently; the
+    resolution, its observation count and the corrections are the same, also after a reopen."""
+
+    def observations(store: CoordinatorStore) -> int:
+        return store.conn.execute("SELECT observations FROM resolutions WHERE input_hash = ?", (H,)).fetchone()[0]
+
+    store = CoordinatorStore(tmp_path / "c.db", num_labels=10)
+    for i in range(20):
+        add(store, f"dev-{i:02}", [ev(1, H, label=1, confidence=0.5)])
+    add(store, "strong", [ev(1, H, label=2, confidence=0.99)])
+    # The same input twice in one batch, among inputs never seen.
+    add(store, "twice", [ev(1), ev(2, H, label=1, confidence=0.6), ev(3), ev(4, H, label=1, confidence=0.7)])
+    assert resolution(store, H) == (2, "strong")
+    assert observations(store) == 23
+    assert corrections(store, "dev-07") == [(H, 2)] and corrections(store, "twice") == [(H, 2)]
+    assert corrections(store, "strong") == []
+    store.close()
+
+    reopened = CoordinatorStore(tmp_path / "c.db", num_labels=10)
+    add(reopened, "late", [ev(1, H, label=3, confidence=0.1)])
+    assert resolution(reopened, H) == (2, "strong")
+    assert observations(reopened) == 24
+    assert corrections(reopened, "late") == [(H, 2)]
+    reopened.close()
+
+
 def test_a_new_winner_corrects_the_previous_winner(store: CoordinatorStore) -> None:
     add(store, "a", [ev(1, H, label=1, confidence=0.8)])
     add(store, "b", [ev(1, H, label=2, confidence=0.5)])

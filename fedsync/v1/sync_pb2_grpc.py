@@ -86,8 +86,8 @@ class SyncServicer:
 
     def PushDelta(self, request_iterator, context):
         """One weight delta: the first message carries the header, the following ones carry the
-        payload in order (chunks of at most 1 MiB are recommended: the default gRPC message
-        limit is 4 MiB). The ack is sent after the delta is committed.
+        payload in order (chunks of 1-2 MiB are recommended: the default gRPC message limit is
+        4 MiB). The ack is sent after the delta is committed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
