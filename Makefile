@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/fedsync simulate --devices 20 --rounds 10 --seed 0 --data-dir .fedsync/demo --report .fedsync/demo/report.json
+	$(BIN)/fedsync simulate --devices 20 --rounds 16 --seed 0 --local-training litert --data-dir .fedsync/demo --report .fedsync/demo/report.json
 
 test: $(STAMP)
 	$(BIN)/ruff check .
