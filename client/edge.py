@@ -317,7 +317,7 @@ class EdgeClient:
         path: Path, x: np.ndarray, y: np.ndarray, epochs: int, batch_size: int, learning_rate: float, seed: int
     ) -> tuple[dict[str, np.ndarray], float]:
         """Lean profile for the whole model: LiteRT training signatures, no TensorFlow."""
-        from client.litert_runtime import LiteRTTrainer
+        from client.litert_training import LiteRTTrainer
 
         trainer = LiteRTTrainer(path)
         base = trainer.get_weights()
@@ -330,7 +330,7 @@ class EdgeClient:
         path: Path, x: np.ndarray, y: np.ndarray, epochs: int, batch_size: int, learning_rate: float, seed: int
     ) -> tuple[dict[str, np.ndarray], float]:
         """Lean profile: train the softmax head in LiteRT; the delta covers the head's variables only."""
-        from client.litert_runtime import LiteRTHeadTrainer
+        from client.litert_training import LiteRTHeadTrainer
 
         trainer = LiteRTHeadTrainer(path)
         base = trainer.get_weights()

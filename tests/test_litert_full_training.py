@@ -1,5 +1,5 @@
 """Whole-model on-device training: the MLP exported by ``to_trainable_tflite`` (real TensorFlow
-conversion), trained through ``client.litert_runtime.LiteRTTrainer`` (real LiteRT, no Flex
+conversion), trained through ``client.litert_training.LiteRTTrainer`` (real LiteRT, no Flex
 delegate) on the real digits data.
 """
 
@@ -24,10 +24,9 @@ from ai_edge_litert.interpreter import Interpreter, OpResolverType  # noqa: E402
 from client.litert_runtime import (  # noqa: E402
     InputError,
     LiteRTClassifier,
-    LiteRTHeadTrainer,
-    LiteRTTrainer,
     ModelFormatError,
 )
+from client.litert_training import LiteRTHeadTrainer, LiteRTTrainer  # noqa: E402
 from fedsync import model as fedsync_model  # noqa: E402
 from fedsync import tflite_export  # noqa: E402
 from fedsync.sim.data import load_digits_split  # noqa: E402
@@ -291,7 +290,7 @@ def test_wrong_kind_of_model_points_to_the_right_class(fresh, full_bytes):
 
 
 def test_litert_only_process_trains_without_tensorflow(full_bytes, tmp_path):
-    """A fresh interpreter process imports client.litert_runtime, loads the model file and
+    """A fresh interpreter process imports client.litert_training, loads the model file and
     trains it; TensorFlow/Keras are never imported."""
     path = tmp_path / "digits_trainable.tflite"
     path.write_bytes(full_bytes)
@@ -299,7 +298,7 @@ def test_litert_only_process_trains_without_tensorflow(full_bytes, tmp_path):
         f"""
         import sys
         import numpy as np
-        from client.litert_runtime import LiteRTTrainer
+        from client.litert_training import LiteRTTrainer
         trainer = LiteRTTrainer({str(path)!r})
         before = trainer.get_weights()
         x = np.random.default_rng(0).random((16, 64), dtype=np.float32)

@@ -25,11 +25,11 @@ from sklearn.model_selection import train_test_split  # noqa: E402
 from client.litert_runtime import (  # noqa: E402
     InputError,
     LiteRTClassifier,
-    LiteRTHeadTrainer,
     ModelFormatError,
     check_input,
     check_sample,
 )
+from client.litert_training import LiteRTHeadTrainer  # noqa: E402
 from fedsync import tflite_export  # noqa: E402
 from fedsync.model import build_model  # noqa: E402
 

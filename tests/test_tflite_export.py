@@ -14,7 +14,8 @@ from ai_edge_litert.interpreter import Interpreter, OpResolverType  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 from sklearn.model_selection import train_test_split  # noqa: E402
 
-from client.litert_runtime import LiteRTClassifier, LiteRTHeadTrainer  # noqa: E402
+from client.litert_runtime import LiteRTClassifier  # noqa: E402
+from client.litert_training import LiteRTHeadTrainer  # noqa: E402
 from fedsync import tflite_export  # noqa: E402
 from fedsync.model import build_model  # noqa: E402
 

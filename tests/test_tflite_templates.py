@@ -14,7 +14,7 @@ pytest.importorskip("ai_edge_litert")
 
 from ai_edge_litert.interpreter import Interpreter
 
-from client.litert_runtime import LiteRTHeadTrainer, LiteRTTrainer
+from client.litert_training import LiteRTHeadTrainer, LiteRTTrainer
 from coordinator.publisher import EvaluationData, ModelPublisher
 from fedsync import tflite_export
 from fedsync.manifest import MANIFEST_NAME, Manifest, sha256_file
