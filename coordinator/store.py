@@ -8,263 +8,32 @@ synchronous=FULL before the acknowledgement is sent.
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import functools
-import itertools
 import os
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
-import numpy as np
-
 from coordinator.conflict_index import ConflictIndex, Resolution
+from coordinator.records import BatchResult, CorrectionRow, EventColumns, EventRow, StoredDelta, StoreError
+from coordinator.schema import EVENTS_PER_INSERT, INT64_MAX, SCHEMA, insert_events
 from fedsync.conflicts import ConflictPolicy, highest_confidence
 from fedsync.manifest import fsync_path
-from fedsync.wire import INPUT_HASH_BYTES
 
-#: SQLite integers are signed 64-bit; the wire's uint64 fields must fit.
-INT64_MAX = 2**63 - 1
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS devices (
-    device_id TEXT PRIMARY KEY,
-    events_high_water INTEGER NOT NULL DEFAULT 0,
-    deltas_high_water INTEGER NOT NULL DEFAULT 0,
-    model_version INTEGER NOT NULL DEFAULT 0,
-    first_seen_ns INTEGER NOT NULL,
-    last_seen_ns INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS events (
-    device_id TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    input_hash BLOB NOT NULL,
-    label INTEGER NOT NULL,
-    confidence REAL NOT NULL,
-    model_version INTEGER NOT NULL,
-    latency_us REAL NOT NULL,
-    time_ns INTEGER NOT NULL,
-    PRIMARY KEY (device_id, seq)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS deltas (
-    device_id TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    base_version INTEGER NOT NULL,
-    num_examples INTEGER NOT NULL,
-    codec TEXT NOT NULL,
-    tensor_specs TEXT NOT NULL,
-    payload_file TEXT,             -- under deltas/ until aggregated or rejected
-    payload_sha256 BLOB NOT NULL,
-    train_loss REAL NOT NULL,
-    received_ns INTEGER NOT NULL,
-    status TEXT NOT NULL,          -- buffered | aggregated | rejected
-    reason TEXT NOT NULL DEFAULT '',
-    staleness INTEGER,
-    aggregated_into INTEGER,
-    PRIMARY KEY (device_id, seq)
-);
-CREATE INDEX IF NOT EXISTS deltas_buffered ON deltas (status) WHERE status = 'buffered';
-CREATE TABLE IF NOT EXISTS versions (
-    version INTEGER PRIMARY KEY,
-    parent_version INTEGER NOT NULL,
-    created_ns INTEGER NOT NULL,
-    manifest_json BLOB NOT NULL,
-    num_deltas INTEGER NOT NULL,
-    accuracy REAL
-);
-CREATE TABLE IF NOT EXISTS resolutions (
-    input_hash BLOB PRIMARY KEY,
-    label INTEGER NOT NULL,
-    confidence REAL NOT NULL,
-    model_version INTEGER NOT NULL,
-    device_id TEXT NOT NULL,
-    observations INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS corrections (
-    cursor INTEGER PRIMARY KEY AUTOINCREMENT,
-    device_id TEXT NOT NULL,
-    input_hash BLOB NOT NULL,
-    label INTEGER NOT NULL,
-    confidence REAL NOT NULL,
-    model_version INTEGER NOT NULL,
-    created_ns INTEGER NOT NULL,
-    UNIQUE (device_id, input_hash, label)
-);
-CREATE INDEX IF NOT EXISTS corrections_by_device ON corrections (device_id, cursor);
-"""
-
-
-EVENTS_PER_INSERT = 32
-_EVENT_FIELDS = 7  # after device_id: seq, input_hash, label, confidence, model_version, latency_us, time_ns
-_INSERT_EVENTS = "INSERT INTO events VALUES " + ", ".join(
-    "(?1, " + ", ".join(f"?{2 + _EVENT_FIELDS * row + i}" for i in range(_EVENT_FIELDS)) + ")"
-    for row in range(EVENTS_PER_INSERT)
-)
-
-
-def insert_events(conn: sqlite3.Connection, device_id: str, columns: Sequence[list]) -> None:
-    """INSERT a device's events, given as columns (seq, input_hash, label, confidence,
-    model_version, latency_us, time_ns), EVENTS_PER_INSERT rows a statement. With one row a
-    statement, the sqlite3 module's work for each statement (bind, step with the GIL released,
-    reset) costs more than SQLite's insert itself; 32 rows a statement insert ~1.7x faster."""
-    n = len(columns[0])
-    whole = n - n % EVENTS_PER_INSERT
-    if whole:
-        values = itertools.chain.from_iterable(zip(*(c[:whole] for c in columns), strict=True))
-        # ?1 is the device, bound once a statement; the same iterator repeated groups the values.
-        conn.executemany(
-            _INSERT_EVENTS, zip(itertools.repeat(device_id), *[values] * (_EVENT_FIELDS * EVENTS_PER_INSERT))
-        )
-    if whole < n:
-        conn.executemany(
-            "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            zip(itertools.repeat(device_id), *(c[whole:] for c in columns)),
-        )
-
-
-class StoreError(Exception):
-    """A request the store refuses; `kind` maps to a gRPC status code in the service."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind  # invalid | precondition
-
-
-@dataclass(frozen=True, slots=True)
-class EventRow:
-    seq: int
-    input_hash: bytes
-    label: int
-    confidence: float
-    model_version: int
-    latency_us: float
-    time_ns: int
-
-
-@dataclass(frozen=True, slots=True)
-class EventColumns:
-    """A batch of events as parallel columns (the wire's EventBatch)."""
-
-    seqs: list[int]
-    hashes: list[bytes]
-    labels: list[int]
-    confidences: list[float]
-    versions: list[int]
-    latencies: list[float]
-    times: list[int]
-    # The numeric columns (seqs, labels, confidences, versions, latencies) as numpy arrays, when
-    # the batch came as arrays: validate() checks these instead of converting the lists back.
-    arrays: tuple[np.ndarray, ...] | None = dataclasses.field(default=None, compare=False, repr=False)
-
-    @classmethod
-    def from_arrays(
-        cls,
-        seqs: np.ndarray,
-        hashes: list[bytes],
-        labels: np.ndarray,
-        confidences: np.ndarray,
-        versions: np.ndarray,
-        latencies: np.ndarray,
-        times: np.ndarray,
-    ) -> EventColumns:
-        """From the wire's packed columns as arrays (uint64 seqs and versions, int64 labels and
-        times, float64 confidences and latencies)."""
-        return cls(
-            seqs.tolist(),
-            hashes,
-            labels.tolist(),
-            confidences.tolist(),
-            versions.tolist(),
-            latencies.tolist(),
-            times.tolist(),
-            arrays=(seqs, labels, confidences, versions, latencies),
-        )
-
-    @classmethod
-    def from_rows(cls, rows: Sequence[EventRow]) -> EventColumns:
-        if not all(len(row.input_hash) == INPUT_HASH_BYTES for row in rows):
-            raise StoreError("invalid", f"every input hash must be {INPUT_HASH_BYTES} bytes")
-        columns = list(zip(*(dataclasses.astuple(row) for row in rows), strict=True)) if rows else [()] * 7
-        return cls(*(list(c) for c in columns))
-
-    def slice(self, start: int) -> tuple[list, ...]:
-        return (
-            self.seqs[start:],
-            self.hashes[start:],
-            self.labels[start:],
-            self.confidences[start:],
-            self.versions[start:],
-            self.latencies[start:],
-            self.times[start:],
-        )
-
-    def validate(self, num_labels: int) -> None:
-        n = len(self.seqs)
-        columns = (self.hashes, self.labels, self.confidences, self.versions, self.latencies, self.times)
-        if any(len(c) != n for c in columns):
-            raise StoreError("invalid", "event batch columns have different lengths")
-        if n == 0:
-            return
-        if set(map(len, self.hashes)) != {INPUT_HASH_BYTES}:
-            raise StoreError("invalid", f"every input_hash must be {INPUT_HASH_BYTES} bytes")
-        if self.arrays is not None:
-            seqs, labels, confidences, versions, latencies = self.arrays
-            highest_version = int(versions.max())
-        else:
-            seqs = np.asarray(self.seqs, dtype=np.uint64)
-            labels = np.asarray(self.labels, dtype=np.int64)
-            confidences = np.asarray(self.confidences, dtype=np.float64)
-            highest_version = max(self.versions)
-            latencies = np.asarray(self.latencies, dtype=np.float64)
-        if seqs[0] == 0 or (n > 1 and not bool(np.all(seqs[1:] > seqs[:-1]))):
-            raise StoreError("invalid", "event seqs must be positive and strictly increasing")
-        if int(seqs[-1]) > INT64_MAX:
-            raise StoreError("invalid", f"event seq {int(seqs[-1])} is out of range")
-        if highest_version > INT64_MAX:
-            raise StoreError("invalid", f"event model_version {highest_version} is out of range")
-        if np.isnan(latencies).any():  # NaN would be stored as NULL
-            raise StoreError("invalid", "event latency_us must not be NaN")
-        bad = np.flatnonzero((labels < 0) | (labels >= num_labels))
-        if len(bad):
-            raise StoreError(
-                "invalid", f"event {self.seqs[bad[0]]}: label {labels[bad[0]]} outside 0..{num_labels - 1}"
-            )
-        bad = np.flatnonzero(~((confidences >= 0.0) & (confidences <= 1.0)))  # NaN fails both
-        if len(bad):
-            raise StoreError("invalid", f"event {self.seqs[bad[0]]}: confidence {confidences[bad[0]]} outside [0, 1]")
-
-
-@dataclass(frozen=True, slots=True)
-class BatchResult:
-    high_water: int
-    accepted: int
-    duplicates: int
-    conflicts_touched: int
-
-
-@dataclass(frozen=True, slots=True)
-class StoredDelta:
-    device_id: str
-    seq: int
-    base_version: int
-    num_examples: int
-    codec: str
-    tensor_specs: str
-    payload: bytes
-    received_ns: int
-
-
-@dataclass(frozen=True, slots=True)
-class CorrectionRow:
-    cursor: int
-    input_hash: bytes
-    label: int
-    confidence: float
-    model_version: int
+__all__ = [
+    "EVENTS_PER_INSERT",
+    "BatchResult",
+    "CoordinatorStore",
+    "CorrectionRow",
+    "EventColumns",
+    "EventRow",
+    "StoreError",
+    "StoredDelta",
+    "insert_events",
+]
 
 
 P = ParamSpec("P")
