@@ -33,3 +33,14 @@ def native_output_silenced() -> Iterator[None]:
         os.dup2(saved[1], 2)
         for fd in (*saved, devnull):
             os.close(fd)
+
+
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow with fds 1 and 2 silenced: its import prints a oneDNN notice before absl's
+    logging starts, which no log level reaches. Call from the main thread before other threads
+    write (their output would be lost meanwhile). A missing TensorFlow is left for its users to report."""
+    if "tensorflow" in sys.modules:
+        return
+    quiet_tensorflow_logs()
+    with native_output_silenced(), contextlib.suppress(ImportError):
+        import tensorflow  # noqa: F401

@@ -104,6 +104,9 @@ def _serve(args: argparse.Namespace) -> int:
     if args.keep_versions < 1:
         raise CommandError(f"--keep-versions must be at least 1, got {args.keep_versions}")
     _check_address(args.address)
+    from fedsync._quiet import import_tensorflow_quietly
+
+    import_tensorflow_quietly()
     from coordinator import Coordinator
     from coordinator.server import ServerTLS
 
@@ -230,6 +233,9 @@ def _simulate(args: argparse.Namespace) -> int:
     plot_path = _writable_file(args.plot) if args.plot else None
     if plot_path is None and args.compare:
         plot_path = Path(args.data_dir) / "compare.png"
+    from fedsync._quiet import import_tensorflow_quietly
+
+    import_tensorflow_quietly()  # the coordinator publishes with it
     console = Console(soft_wrap=True)
     reports = run_with_console(configs, console)
     if report_path is not None:
