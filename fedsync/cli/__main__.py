@@ -1,0 +1,3 @@
+from fedsync.cli import main
+
+raise SystemExit(main())
