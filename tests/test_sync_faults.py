@@ -145,15 +145,18 @@ def journal_events(client: EdgeClient, up_to: int | None = None) -> list[tuple]:
 def check_marks(client: EdgeClient, coordinator: Coordinator) -> None:
     """The client's acknowledged marks never exceed what the coordinator committed, and what the
     coordinator committed is exactly the journal's prefix up to its mark."""
-    events_hw, deltas_hw = coordinator.store.high_waters(DEVICE)
+    # The server may still be ingesting a batch that arrived before a cut, on the connection these
+    # reads share: hold the store's lock so they see committed transactions only, all at one moment.
+    with coordinator.store._lock:
+        events_hw, deltas_hw = coordinator.store.high_waters(DEVICE)
+        stored = coordinator_events(coordinator)
+        stored_deltas = coordinator.store.conn.execute(
+            "SELECT seq, payload_sha256 FROM deltas WHERE device_id = ? ORDER BY seq", (DEVICE,)
+        ).fetchall()
     assert client.journal.events_acked() <= events_hw
     assert client.journal.deltas_acked() <= deltas_hw
-    stored = coordinator_events(coordinator)
     assert len(stored) == events_hw
     assert stored == journal_events(client, events_hw)
-    stored_deltas = coordinator.store.conn.execute(
-        "SELECT seq, payload_sha256 FROM deltas WHERE device_id = ? ORDER BY seq", (DEVICE,)
-    ).fetchall()
     assert [seq for seq, _ in stored_deltas] == list(range(1, deltas_hw + 1))
     journal_deltas = client.journal.conn.execute(
         "SELECT seq, payload_sha256 FROM deltas WHERE seq <= ? ORDER BY seq", (deltas_hw,)
