@@ -147,7 +147,7 @@ def check_marks(client: EdgeClient, coordinator: Coordinator) -> None:
     coordinator committed is exactly the journal's prefix up to its mark."""
     # The server may still be ingesting a batch that arrived before a cut, on the connection these
     # reads share: hold the store's lock so they see committed transactions only, all at one moment.
-    with coordinator.store._lock:
+    with coordinator.store.lock:
         events_hw, deltas_hw = coordinator.store.high_waters(DEVICE)
         stored = coordinator_events(coordinator)
         stored_deltas = coordinator.store.conn.execute(

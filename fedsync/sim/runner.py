@@ -417,13 +417,15 @@ def _final_figures(coordinator: object, truth: dict[bytes, int], report: Simulat
         for v, n, acc in store.version_history()
     ]
     report.conflicts_resolved = store.counts()["conflicts_resolved"]
-    report.events_at_coordinator = store.conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
-    report.staleness_histogram = {
-        str(staleness): count
-        for staleness, count in store.conn.execute(
-            "SELECT staleness, COUNT(*) FROM deltas WHERE status = 'aggregated' GROUP BY staleness ORDER BY 1"
-        )
-    }
-    _resolution_accuracy(coordinator, truth, report)
+    # A cut sync's last batch may still be committing on the connection these reads share.
+    with store.lock:
+        report.events_at_coordinator = store.conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+        report.staleness_histogram = {
+            str(staleness): count
+            for staleness, count in store.conn.execute(
+                "SELECT staleness, COUNT(*) FROM deltas WHERE status = 'aggregated' GROUP BY staleness ORDER BY 1"
+            )
+        }
+        _resolution_accuracy(coordinator, truth, report)
     report.final_version = coordinator.version  # type: ignore[attr-defined]
     report.final_accuracy = report.versions[-1]["accuracy"]
