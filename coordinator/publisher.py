@@ -55,7 +55,8 @@ class ModelPublisher:
         reuse_conversions: bool = True,
     ) -> None:
         """reuse_conversions: convert once per architecture and write each version's weights into
-        that template (see fedsync.tflite_templates) instead of running the converter per version."""
+        that template (see fedsync.tflite_templates) instead of running the converter per version;
+        the templates persist across processes under $FEDSYNC_CACHE_DIR (empty: not at all)."""
         from fedsync.model import build_model
 
         self.models_dir = Path(models_dir)

@@ -23,6 +23,12 @@ function runs as before.
 Weights the converter treats specially are the one case where the bytes differ: it drops an
 all-zero bias (a freshly initialised model's), while the template keeps that bias as a buffer of
 zeros. The model computes the same function (tests/test_tflite_templates.py checks both cases).
+
+Templates of final artifacts (float and trainable models) persist on disk between processes
+(:mod:`fedsync._template_cache`), so a coordinator starting again on a known architecture runs no
+converter: in ``$FEDSYNC_CACHE_DIR/tflite-templates/``, else ``$XDG_CACHE_HOME/fedsync/...`` or
+``~/.cache/fedsync/...``; ``FEDSYNC_CACHE_DIR=`` (empty) turns that off. A template from disk is
+checked against the Keras model (LiteRT outputs, weight slots) instead of the converter.
 """
 
 from __future__ import annotations
@@ -34,12 +40,13 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import keras
 import numpy as np
 from tensorflow.lite.python import lite
 
+from fedsync._template_cache import TemplateCache, default_cache_dir, template_key, works_like
 from fedsync.model import Weights, get_weights, set_weights
 from fedsync.tflite_patch import WeightSlot, WeightsNotFoundError, locate_weights, patch_weights
 
@@ -152,22 +159,22 @@ class TemplateExporter:
     """Templates per (export name, architecture), built on first use; thread-safe.
 
     `name` must identify everything the export depends on besides the weights (for int8, the
-    calibration data).
+    calibration data). `cache`: where built templates persist between processes
+    (:mod:`fedsync._template_cache`); by default the folder the environment names at each build,
+    None for none. Templates that replay a converter's last stage (int8) live in memory only: that
+    stage is a live converter object.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, cache: TemplateCache | Literal["environment"] | None = "environment") -> None:
         self._templates: dict[tuple[str, str], Template | None] = {}
         self._lock = threading.Lock()
+        self._cache = cache
 
     def export(self, name: str, model: keras.Model, export: Export) -> bytes:
         key = (name, architecture_key(model))
         with self._lock:
             if key not in self._templates:
-                try:
-                    self._templates[key] = build_template(model, export)
-                except Exception:  # the converter failing on random weights: it may still take real ones
-                    log.warning("%s: building a template failed", name, exc_info=True)
-                    self._templates[key] = None
+                self._templates[key] = self._template(name, model, export)
                 if self._templates[key] is None:
                     log.warning("%s: no verified template, every version runs the TFLite converter", name)
             template = self._templates[key]
@@ -180,6 +187,25 @@ class TemplateExporter:
             with self._lock:
                 self._templates[key] = None
             return export(model)
+
+    def _template(self, name: str, model: keras.Model, export: Export) -> Template | None:
+        cache = self._cache
+        if cache == "environment":
+            folder = default_cache_dir()
+            cache = TemplateCache(folder) if folder is not None else None
+        disk_key = template_key(name, model, export) if cache is not None else ""
+        if cache is not None and (stored := cache.load(disk_key)) is not None:
+            if works_like(*stored, model):
+                return Template(*stored)
+            log.warning("%s: the cached template does not fit the model, building it again", name)
+        try:
+            template = build_template(model, export)
+        except Exception:  # the converter failing on random weights: it may still take real ones
+            log.warning("%s: building a template failed", name, exc_info=True)
+            return None
+        if cache is not None and template is not None and template.last_stage is None:
+            cache.store(disk_key, template.base, template.slots)
+        return template
 
 
 _shared = TemplateExporter()

@@ -129,7 +129,7 @@ def test_locate_and_patch_weights_in_a_flatbuffer(model, templates):
 
 
 def test_exporter_builds_a_template_once_and_falls_back_when_it_cannot(model):
-    exporter = TemplateExporter()
+    exporter = TemplateExporter(cache=None)  # counts conversions: nothing from disk
     calls = itertools.count()
 
     def counted(m) -> bytes:
