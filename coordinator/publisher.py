@@ -53,10 +53,13 @@ class ModelPublisher:
         trainable_head: bool = True,
         trainable: bool = True,
         reuse_conversions: bool = True,
+        durable: bool = True,
     ) -> None:
         """reuse_conversions: convert once per architecture and write each version's weights into
         that template (see fedsync.tflite_templates) instead of running the converter per version;
-        the templates persist across processes under $FEDSYNC_CACHE_DIR (empty: not at all)."""
+        the templates persist across processes under $FEDSYNC_CACHE_DIR (empty: not at all).
+        durable=False skips the fsyncs (a version still appears atomically, by rename): for a
+        coordinator whose writes need survive only a crash of its process, not a power cut."""
         from fedsync.model import build_model
 
         self.models_dir = Path(models_dir)
@@ -66,6 +69,7 @@ class ModelPublisher:
         self.trainable_head = trainable_head
         self.trainable = trainable
         self.reuse_conversions = reuse_conversions
+        self.durable = durable
         # The int8 export depends on its calibration data as well as on the weights.
         self._calibration_id = hashlib.sha256(np.ascontiguousarray(evaluation.x, dtype=np.float32)).hexdigest()
         self.model = build_model(hidden_units)
@@ -139,13 +143,15 @@ class ModelPublisher:
             metrics=metrics,
             weights=[TensorInfo(name, list(array.shape), "float32") for name, array in weights.items()],
         )
-        write_atomically(staging / MANIFEST_NAME, manifest.to_json())
-        for path in staging.iterdir():
-            fsync_path(path)
+        write_atomically(staging / MANIFEST_NAME, manifest.to_json(), durable=self.durable)
+        if self.durable:
+            for path in staging.iterdir():
+                fsync_path(path)
         final = self.version_dir(version)
         shutil.rmtree(final, ignore_errors=True)  # a leftover of a crash before the version was committed
         staging.rename(final)
-        fsync_path(self.models_dir)
+        if self.durable:
+            fsync_path(self.models_dir)
         return manifest
 
     def _export(self, name: str, export: Callable[[keras.Model], bytes]) -> bytes:

@@ -131,6 +131,7 @@ class BatchResult:
     accepted: int
     duplicates: int
     conflicts_touched: int
+    corrections_cursor: int = 0  # the device's newest correction, read when conflicts were touched
 
 
 @dataclass(frozen=True, slots=True)

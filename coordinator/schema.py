@@ -1,13 +1,31 @@
-"""The coordinator database's tables, and the batched INSERT that events go in by."""
+"""The coordinator database's tables, its durability setting, and the batched INSERT that events
+go in by."""
 
 from __future__ import annotations
 
 import itertools
 import sqlite3
 from collections.abc import Sequence
+from enum import Enum
 
 #: SQLite integers are signed 64-bit; the wire's uint64 fields must fit.
 INT64_MAX = 2**63 - 1
+
+
+class Durability(Enum):
+    """What an acknowledged write survives (the names of the client's `client.Durability`).
+
+    POWER: also a power cut. Commits use synchronous=FULL, and a delta's payload file and the
+    directory naming it are fsynced before the commit that acknowledges it.
+    PROCESS: a crash or kill -9 of the coordinator process, not a power cut (WAL with
+    synchronous=NORMAL, no fsync of payload files or directories): the page cache outlives the
+    process. Payload renames and transactions stay atomic either way. For simulations, and for
+    coordinators that may lose their last acknowledged writes to a power cut.
+    """
+
+    PROCESS = "NORMAL"
+    POWER = "FULL"
+
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (

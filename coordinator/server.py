@@ -17,7 +17,7 @@ from coordinator.auth import CredentialInterceptor, CredentialStore
 from coordinator.metrics import PrometheusMetrics
 from coordinator.publisher import EvaluationData, ModelPublisher
 from coordinator.service import SyncService
-from coordinator.store import CoordinatorStore
+from coordinator.store import CoordinatorStore, Durability
 from fedsync.aggregation import Strategy
 from fedsync.conflicts import ConflictPolicy
 from fedsync.model import LABELS
@@ -57,7 +57,11 @@ def default_evaluation(seed: int = 0) -> EvaluationData:
 
 
 class Coordinator:
-    """Owns a data folder: `coordinator.db` (SQLite) and `models/vN/` (published versions)."""
+    """Owns a data folder: `coordinator.db` (SQLite) and `models/vN/` (published versions).
+
+    durability: what an acknowledged event or delta survives, a power cut (POWER, the default)
+    or only a crash of this process (PROCESS: no fsync before acknowledging; see Durability).
+    """
 
     def __init__(
         self,
@@ -77,11 +81,15 @@ class Coordinator:
         require_credentials: bool = False,
         tls: ServerTLS | None = None,
         max_delta_norm: float | None = None,
+        durability: Durability = Durability.POWER,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.strategy = strategy or Strategy.fedbuff(buffer_size=10)
-        self.store = CoordinatorStore(self.data_dir / "coordinator.db", num_labels=len(LABELS), policy=policy)
+        self.durability = durability
+        self.store = CoordinatorStore(
+            self.data_dir / "coordinator.db", num_labels=len(LABELS), policy=policy, durability=durability
+        )
         self.publisher = ModelPublisher(
             self.data_dir / "models",
             evaluation or default_evaluation(),
@@ -90,6 +98,7 @@ class Coordinator:
             trainable_head=publish_trainable_head,
             # The whole-model trainable .tflite follows the head one unless asked for explicitly.
             trainable=publish_trainable_head if publish_trainable is None else publish_trainable,
+            durable=durability is Durability.POWER,
         )
         self.metrics: PrometheusMetrics | None = None
         if metrics:

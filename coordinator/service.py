@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -46,6 +47,28 @@ def device_of(context: grpc.ServicerContext) -> str:
     return device_id
 
 
+def _payload_pieces(chunks: Iterator[pb.DeltaChunk], context: grpc.ServicerContext) -> Iterator[bytes]:
+    """The data of the chunks after the header."""
+    for chunk in chunks:
+        if chunk.WhichOneof("part") != "data":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "only the first DeltaChunk may carry a header")
+        yield chunk.data  # each access to a bytes field copies it
+
+
+def _whole_payload(pieces: Iterator[bytes], size: int) -> tuple[bytes | None, Iterator[bytes]]:
+    """(payload, no pieces) when the stream holds exactly one piece of `size` bytes, else (None,
+    every piece, those already read first)."""
+    first = next(pieces, None)
+    if first is None:
+        return None, pieces
+    if len(first) != size:
+        return None, itertools.chain((first,), pieces)
+    second = next(pieces, None)  # the end of the stream, in the common case
+    if second is not None:
+        return None, itertools.chain((first, second), pieces)
+    return first, pieces
+
+
 class SyncService(SyncServicer):
     def __init__(
         self,
@@ -69,15 +92,16 @@ class SyncService(SyncServicer):
         device = device_of(context)
         if request.model_version > INT64_MAX:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"model_version {request.model_version} is out of range")
-        events_hw, deltas_hw = self.store.touch_device(device, request.model_version)
+        marks = self.store.touch_device(device, request.model_version)
         partial = self.uploads.status(device)
-        resumable = partial is not None and partial.seq == deltas_hw + 1
+        resumable = partial is not None and partial.seq == marks.deltas_high_water + 1
         return pb.HelloResponse(
-            events_high_water=events_hw,
-            deltas_high_water=deltas_hw,
+            events_high_water=marks.events_high_water,
+            deltas_high_water=marks.deltas_high_water,
             current_model_version=self.aggregator.version,
             delta_resume_offset=partial.received if resumable else 0,
             delta_resume_sha256=partial.sha256 if resumable else b"",
+            corrections_cursor=marks.corrections_cursor,
         )
 
     def PushEvents(
@@ -116,7 +140,12 @@ class SyncService(SyncServicer):
                 context.abort(_STORE_CODES[exc.kind], str(exc))
             if result.conflicts_touched:
                 self.metrics.conflicts_resolved(result.conflicts_touched)
-            yield pb.EventAck(high_water=result.high_water, accepted=result.accepted, duplicates=result.duplicates)
+            yield pb.EventAck(
+                high_water=result.high_water,
+                accepted=result.accepted,
+                duplicates=result.duplicates,
+                corrections_cursor=result.corrections_cursor,
+            )
 
     def PushDelta(self, request_iterator: Iterator[pb.DeltaChunk], context: grpc.ServicerContext) -> pb.DeltaAck:
         device = device_of(context)
@@ -143,6 +172,11 @@ class SyncService(SyncServicer):
             )
         if len(header.payload_sha256) != 32:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "payload_sha256 must be 32 bytes")
+        pieces = _payload_pieces(request_iterator, context)
+        if header.offset == 0:
+            whole, pieces = _whole_payload(pieces, header.payload_size)
+            if whole is not None:
+                return self._push_whole_delta(device, header, whole, context)
         try:
             upload = self.uploads.begin(device, header.seq, header.payload_sha256, header.payload_size, header.offset)
         except ValueError as exc:
@@ -151,10 +185,7 @@ class SyncService(SyncServicer):
         digest = self.uploads.prefix_hash(device) if received else hashlib.sha256()
         try:
             with self.uploads.appender(device, upload, digest) as append:
-                for chunk in request_iterator:
-                    if chunk.WhichOneof("part") != "data":
-                        context.abort(grpc.StatusCode.INVALID_ARGUMENT, "only the first DeltaChunk may carry a header")
-                    data = chunk.data  # each access to a bytes field copies it
+                for data in pieces:
                     if received + len(data) > header.payload_size:
                         self.uploads.discard(device)
                         context.abort(grpc.StatusCode.INVALID_ARGUMENT, "delta payload is longer than its header says")
@@ -175,6 +206,17 @@ class SyncService(SyncServicer):
             return self._store_delta(device, header, payload, context, self.uploads.part_file(device))
         finally:
             self.uploads.discard(device)
+
+    def _push_whole_delta(
+        self, device: str, header: pb.DeltaHeader, payload: bytes, context: grpc.ServicerContext
+    ) -> pb.DeltaAck:
+        """A delta whose payload came in one piece: no partial upload on disk, no writer thread.
+        Leaves the device's upload state as the chunked path would: begin() at offset 0 then
+        discard() (which also stops an earlier cut stream of the device from appending)."""
+        self.uploads.discard(device)
+        if hashlib.sha256(payload).digest() != header.payload_sha256:
+            context.abort(grpc.StatusCode.DATA_LOSS, "delta payload does not match its sha256")
+        return self._store_delta(device, header, payload, context)
 
     def _replayed_delta(
         self, device: str, header: pb.DeltaHeader, deltas_hw: int, context: grpc.ServicerContext

@@ -1,13 +1,15 @@
 """The coordinator's durable state in SQLite: devices and their high-water marks, events, deltas,
 published versions, conflict resolutions and corrections.
 
-Every write that a client will be told about happens inside one transaction committed with
-synchronous=FULL before the acknowledgement is sent.
+Every write that a client will be told about happens inside one transaction committed before
+the acknowledgement is sent; how much a commit survives (a power cut, or only a crash of the
+process) is the store's `Durability`.
 """
 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import functools
 import os
 import sqlite3
@@ -15,11 +17,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import ParamSpec, TypeVar
+from typing import NamedTuple, ParamSpec, TypeVar
 
 from coordinator.conflict_index import ConflictIndex, Resolution
 from coordinator.records import BatchResult, CorrectionRow, EventColumns, EventRow, StoredDelta, StoreError
-from coordinator.schema import EVENTS_PER_INSERT, INT64_MAX, SCHEMA, insert_events
+from coordinator.schema import EVENTS_PER_INSERT, INT64_MAX, SCHEMA, Durability, insert_events
 from fedsync.conflicts import ConflictPolicy, highest_confidence
 from fedsync.manifest import fsync_path
 
@@ -28,6 +30,8 @@ __all__ = [
     "BatchResult",
     "CoordinatorStore",
     "CorrectionRow",
+    "DeviceMarks",
+    "Durability",
     "EventColumns",
     "EventRow",
     "StoreError",
@@ -38,6 +42,22 @@ __all__ = [
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+# One statement, so one implicit transaction: register or refresh the device (model_version NULL:
+# keep the stored one) and read its marks and newest correction cursor (corrections_by_device).
+_TOUCH_DEVICE = (
+    "INSERT INTO devices (device_id, first_seen_ns, last_seen_ns, model_version) VALUES (?1, ?2, ?2, coalesce(?3, 0)) "
+    "ON CONFLICT(device_id) DO UPDATE SET last_seen_ns = excluded.last_seen_ns, "
+    "model_version = coalesce(?3, model_version) "
+    "RETURNING events_high_water, deltas_high_water, "
+    "(SELECT coalesce(max(cursor), 0) FROM corrections WHERE device_id = ?1)"
+)
+
+
+class DeviceMarks(NamedTuple):
+    events_high_water: int
+    deltas_high_water: int
+    corrections_cursor: int  # of the newest correction queued for the device, 0 when none
 
 
 def _locked(method: Callable[P, R]) -> Callable[P, R]:
@@ -52,15 +72,22 @@ def _locked(method: Callable[P, R]) -> Callable[P, R]:
 
 
 class CoordinatorStore:
-    def __init__(self, path: Path, num_labels: int, policy: ConflictPolicy | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        num_labels: int,
+        policy: ConflictPolicy | None = None,
+        durability: Durability = Durability.POWER,
+    ) -> None:
         self.path = Path(path)
         self.num_labels = num_labels
         self.policy = policy or highest_confidence()
+        self.durability = durability
         self._lock = threading.RLock()
         self.lock = self._lock  # shared with the credential store, which uses the same connection
         self.conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=False)
         self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA synchronous=FULL")
+        self.conn.execute(f"PRAGMA synchronous={durability.value}")
         self.conn.executescript(SCHEMA)
         self.deltas_dir = self.path.parent / "deltas"
         self.deltas_dir.mkdir(exist_ok=True)
@@ -82,28 +109,13 @@ class CoordinatorStore:
     # -- devices --------------------------------------------------------------------------
 
     @_locked
-    def touch_device(self, device_id: str, model_version: int | None = None) -> tuple[int, int]:
-        """Register or refresh a device; returns its (events, deltas) high-water marks."""
-        now = time.time_ns()
-        self._begin()
-        try:
-            self.conn.execute(
-                "INSERT INTO devices (device_id, first_seen_ns, last_seen_ns) VALUES (?, ?, ?) "
-                "ON CONFLICT(device_id) DO UPDATE SET last_seen_ns = excluded.last_seen_ns",
-                (device_id, now, now),
-            )
-            if model_version is not None:
-                self.conn.execute(
-                    "UPDATE devices SET model_version = ? WHERE device_id = ?", (model_version, device_id)
-                )
-            row = self.conn.execute(
-                "SELECT events_high_water, deltas_high_water FROM devices WHERE device_id = ?", (device_id,)
-            ).fetchone()
-            self.conn.execute("COMMIT")
-        except BaseException:
-            self._rollback()
-            raise
-        return int(row[0]), int(row[1])
+    def touch_device(self, device_id: str, model_version: int | None = None) -> DeviceMarks:
+        """Register or refresh a device (and the model version it runs); returns its marks."""
+        # fetchall: the statement, hence its transaction, ends only once every row was read.
+        ((events, deltas, cursor),) = self.conn.execute(
+            _TOUCH_DEVICE, (device_id, time.time_ns(), model_version)
+        ).fetchall()
+        return DeviceMarks(int(events), int(deltas), int(cursor))
 
     @_locked
     def high_waters(self, device_id: str) -> tuple[int, int]:
@@ -128,6 +140,11 @@ class CoordinatorStore:
             self._rollback()
             self._reload_conflicts()  # the index may hold this batch's observations
             raise
+        if result.conflicts_touched:
+            (cursor,) = self.conn.execute(
+                "SELECT COALESCE(MAX(cursor), 0) FROM corrections WHERE device_id = ?", (device_id,)
+            ).fetchone()
+            result = dataclasses.replace(result, corrections_cursor=int(cursor))
         return result
 
     def _reload_conflicts(self) -> None:
@@ -271,17 +288,8 @@ class CoordinatorStore:
                 # Before touching any file: <device>.<seq>.delta may belong to a committed delta.
                 raise StoreError("precondition", f"sequence gap: expected delta {high_water + 1}, got {seq}")
             if name is not None:
-                target = self.deltas_dir / name
                 wrote = True
-                if payload_file is not None:
-                    fsync_path(payload_file)
-                    os.replace(payload_file, target)
-                else:
-                    with open(target, "wb") as f:
-                        f.write(payload)  # type: ignore[arg-type]
-                        f.flush()
-                        os.fsync(f.fileno())
-                fsync_path(self.deltas_dir)
+                self._place_payload(self.deltas_dir / name, payload, payload_file)
             self.conn.execute(
                 "INSERT INTO deltas (device_id, seq, base_version, num_examples, codec, tensor_specs, payload_file, "
                 "payload_sha256, train_loss, received_ns, status, reason, staleness) "
@@ -315,6 +323,24 @@ class CoordinatorStore:
                 (self.deltas_dir / name).unlink(missing_ok=True)  # type: ignore[operator]
             raise
         return seq
+
+    def _place_payload(self, target: Path, payload: bytes | None, payload_file: Path | None) -> None:
+        """Write or move a payload to `target`; fsynced with its directory entry under POWER. The
+        commit naming it comes after, so a crash before it only leaves an orphan file (removed on
+        the next start)."""
+        durable = self.durability is Durability.POWER
+        if payload_file is not None:
+            if durable:
+                fsync_path(payload_file)
+            os.replace(payload_file, target)
+        else:
+            with open(target, "wb") as f:
+                f.write(payload)  # type: ignore[arg-type]
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
+        if durable:
+            fsync_path(self.deltas_dir)
 
     @_locked
     def buffered_count(self) -> tuple[int, int | None]:

@@ -34,13 +34,14 @@ def test_serve_enroll_sync_and_stop(tmp_path: Path) -> None:
             sys.executable, "-m", "fedsync.cli", "coordinator", "serve",
             "--data-dir", str(data), "--address", f"127.0.0.1:{port}",
             "--rule", "trimmed-mean", "--clip-norm", "10", "--conflict-policy", "vote",
-            "--buffer-size", "4", "--server-momentum", "0.9",
+            "--buffer-size", "4", "--server-momentum", "0.9", "--durability", "process",
         ],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
     )  # fmt: skip
     try:
         line = server.stdout.readline()  # type: ignore[union-attr]
         assert "listening on 127.0.0.1:" in line and "credentials required" in line, line
+        assert "durable against a process crash" in line, line
         enrolled = fedsync("coordinator", "enroll", "--data-dir", str(data), "--device-id", "edge-1")
         assert enrolled.returncode == 0, enrolled.stderr
         token = enrolled.stdout.strip()

@@ -10,6 +10,7 @@ import itertools
 import json
 import math
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -664,6 +665,79 @@ def test_push_delta_sha256_mismatch_is_data_loss(stub: SyncStub, coordinator: Co
     assert_still_serving(stub)
 
 
+def test_push_delta_in_one_chunk_is_checked_like_a_chunked_one(stub: SyncStub, coordinator: Coordinator) -> None:
+    # A payload that arrives whole in the first data chunk is stored without a partial upload.
+    device = new_device("delta-one-chunk")
+    header, payload = delta_header(1, small_delta(coordinator, 16))
+    whole = delta_chunks(header, payload, chunk_bytes=len(payload))
+    assert len(whole) == 2
+    corrupted = bytearray(payload)
+    corrupted[0] ^= 0x01
+    expect_status(
+        lambda: push_delta(stub, device, delta_chunks(header, bytes(corrupted), len(payload))), Code.DATA_LOSS, "sha256"
+    )
+    assert resume_point(stub, device) == (0, b"")
+    expect_status(
+        lambda: push_delta(stub, device, [*whole, pb.DeltaChunk(data=b"x")]),
+        Code.INVALID_ARGUMENT,
+        "longer than its header says",
+    )
+    assert resume_point(stub, device) == (0, b"")
+    expect_status(
+        lambda: push_delta(stub, device, [*whole, pb.DeltaChunk(header=header)]),
+        Code.INVALID_ARGUMENT,
+        "only the first DeltaChunk may carry a header",
+    )
+    assert deltas_high_water(stub, device) == 0 and delta_rows(coordinator, device) == []
+
+    ack = push_delta(stub, device, whole)
+    assert (ack.seq, ack.status, ack.deltas_high_water) == (1, pb.DeltaAck.ACCEPTED, 1)
+    assert stored_payload(coordinator, device, 1) == payload
+    assert push_delta(stub, device, whole).status == pb.DeltaAck.DUPLICATE
+    assert delta_rows(coordinator, device) == [(1, "buffered", True)]
+    assert resume_point(stub, device) == (0, b"")
+
+
+def test_push_delta_in_one_chunk_supersedes_a_cut_stream_still_appending(
+    stub: SyncStub, coordinator: Coordinator
+) -> None:
+    device = new_device("delta-supersede")
+    header, payload = delta_header(1, small_delta(coordinator, 17))
+    release = threading.Event()
+
+    def cut_stream() -> Iterator[pb.DeltaChunk]:
+        yield pb.DeltaChunk(header=header)
+        yield pb.DeltaChunk(data=payload[:1024])
+        release.wait(TIMEOUT_S)  # the device reconnected meanwhile; this stream's rest arrives late
+        yield pb.DeltaChunk(data=payload[1024:])
+
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(push_delta(stub, device, cut_stream()))
+        except grpc.RpcError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, name="cut-stream")
+    thread.start()
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while resume_point(stub, device)[0] != 1024:
+            assert time.monotonic() < deadline, "the first chunk never reached the part file"
+            time.sleep(0.01)
+        ack = push_delta(stub, device, delta_chunks(header, payload, chunk_bytes=len(payload)))
+        assert (ack.status, ack.deltas_high_water) == (pb.DeltaAck.ACCEPTED, 1)
+    finally:
+        release.set()
+        thread.join(TIMEOUT_S)
+    (result,) = outcome
+    assert_status(result, Code.ABORTED, "newer upload stream")  # type: ignore[arg-type]
+    assert stored_payload(coordinator, device, 1) == payload
+    assert delta_rows(coordinator, device) == [(1, "buffered", True)]
+    assert resume_point(stub, device) == (0, b"")
+
+
 @pytest.mark.parametrize("digest", [b"", bytes(31), bytes(33)], ids=["empty", "31-bytes", "33-bytes"])
 def test_push_delta_malformed_sha256_is_invalid_argument(
     stub: SyncStub, coordinator: Coordinator, digest: bytes
@@ -924,6 +998,31 @@ def test_pull_corrections_for_the_less_confident_device_with_paging(stub: SyncSt
     assert len(first.corrections) == 2 and first.more
     rest = pull(stub, weak, after=first.cursor, limit=2)
     assert len(rest.corrections) == 1 and not rest.more
+
+
+def test_hello_reports_the_newest_correction_cursor(stub: SyncStub, coordinator: Coordinator) -> None:
+    strong, weak = new_device("cursor-strong"), new_device("cursor-weak")
+    digests = [input_hash("cursor", strong, i) for i in range(2)]
+    assert hello(stub, weak).corrections_cursor == 0
+
+    _, error = push_events(stub, weak, batch(event(1, digests[0], label=5, confidence=0.6)))
+    assert error is None
+    assert hello(stub, weak).corrections_cursor == 0  # nothing disputed yet
+    _, error = push_events(stub, strong, batch(event(1, digests[0], label=3, confidence=0.9)))
+    assert error is None
+    (first,) = pull(stub, weak).corrections
+    assert hello(stub, weak).corrections_cursor == first.cursor > 0
+    assert hello(stub, strong).corrections_cursor == 0
+
+    # A second dispute queues a newer correction; Hello reports that one.
+    _, error = push_events(stub, weak, batch(event(2, digests[1], label=4, confidence=0.2)))
+    assert error is None
+    _, error = push_events(stub, strong, batch(event(2, digests[1], label=1, confidence=0.8)))
+    assert error is None
+    (second,) = pull(stub, weak, after=first.cursor).corrections
+    assert second.cursor > first.cursor
+    assert hello(stub, weak).corrections_cursor == second.cursor
+    assert hello(stub, strong).corrections_cursor == 0
 
 
 # --------------------------------------------------------------------------------------------

@@ -65,6 +65,7 @@ def _serve(args: argparse.Namespace) -> int:
     import_tensorflow_quietly()
     from coordinator import Coordinator
     from coordinator.server import ServerTLS
+    from coordinator.store import Durability
 
     tls = None
     if args.tls_cert or args.tls_key:
@@ -85,13 +86,15 @@ def _serve(args: argparse.Namespace) -> int:
         tls=tls,
         policy=confidence_weighted_vote() if args.conflict_policy == "vote" else highest_confidence(),
         max_delta_norm=args.max_delta_norm,
+        durability=Durability[args.durability.upper()],
     )
     port = coordinator.start(args.address)
     host = args.address.rsplit(":", 1)[0]
     print(
         f"fedsync coordinator listening on {host}:{port} ({'TLS' if tls else 'plaintext'}, "
         f"{'credentials required' if not args.no_credentials else 'NO credentials'}; "
-        f"data in {args.data_dir}, version {coordinator.version})"
+        f"data in {args.data_dir}, durable against a {'power cut' if args.durability == 'power' else 'process crash'}, "
+        f"version {coordinator.version})"
     )
     if args.metrics_port is not None:
         metrics_port = coordinator.serve_metrics(args.metrics_port, host)

@@ -50,14 +50,16 @@ class EventBatch(_message.Message):
     def __init__(self, seq: _Optional[_Iterable[int]] = ..., input_hashes: _Optional[bytes] = ..., labels: _Optional[_Iterable[int]] = ..., confidences: _Optional[_Iterable[float]] = ..., model_versions: _Optional[_Iterable[int]] = ..., latencies_us: _Optional[_Iterable[float]] = ..., times_unix_ns: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class EventAck(_message.Message):
-    __slots__ = ("high_water", "accepted", "duplicates")
+    __slots__ = ("high_water", "accepted", "duplicates", "corrections_cursor")
     HIGH_WATER_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    CORRECTIONS_CURSOR_FIELD_NUMBER: _ClassVar[int]
     high_water: int
     accepted: int
     duplicates: int
-    def __init__(self, high_water: _Optional[int] = ..., accepted: _Optional[int] = ..., duplicates: _Optional[int] = ...) -> None: ...
+    corrections_cursor: int
+    def __init__(self, high_water: _Optional[int] = ..., accepted: _Optional[int] = ..., duplicates: _Optional[int] = ..., corrections_cursor: _Optional[int] = ...) -> None: ...
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "shape", "dtype")
