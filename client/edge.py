@@ -9,13 +9,15 @@ import json
 import sqlite3
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from client.artifact_cache import ArtifactCache
 from client.journal import Durability, Journal
 from client.litert_runtime import LiteRTClassifier, check_input, check_sample
 from client.model_store import ModelStore
@@ -97,6 +99,33 @@ def load_classifier(kind: str, path: Path) -> Classifier:
     return LiteRTClassifier(path)
 
 
+_trainers: OrderedDict[tuple[str, str], tuple[Any, dict[str, np.ndarray]]] = OrderedDict()
+_trainers_lock = threading.Lock()
+SHARED_TRAINERS = 4  # model versions whose LiteRT trainers stay loaded (clients train recent ones)
+
+
+@contextlib.contextmanager
+def shared_trainer(trainer_class: type, path: Path, sha256: str) -> Iterator[tuple[Any, dict[str, np.ndarray]]]:
+    """A LiteRT trainer for this model file content and the file's own weights, shared by every
+    client of the process: its weights are reset to the file's before each use, and the weights
+    are its only state (plain SGD), so a shared trainer trains exactly as a fresh one would."""
+    key = (trainer_class.__name__, sha256)
+    with _trainers_lock:
+        entry = _trainers.pop(key, None)
+    if entry is None:
+        trainer = trainer_class(path)
+        entry = (trainer, trainer.get_weights())
+    else:
+        entry[0].set_weights(entry[1])
+    try:
+        yield entry
+    finally:
+        with _trainers_lock:  # back in the pool; one per key, so concurrent users never share one
+            _trainers[key] = entry
+            while len(_trainers) > SHARED_TRAINERS:
+                _trainers.popitem(last=False)
+
+
 def shared_classifier(kind: str, path: Path, sha256: str) -> Classifier:
     """One interpreter per model file content in this process, whatever the number of clients."""
     with _classifiers_lock:
@@ -125,6 +154,7 @@ class EdgeClient:
         keep_versions: int = 3,
         credential: str | None = None,
         tls: ClientTLS | None = None,
+        artifact_cache: ArtifactCache | None = None,
     ) -> None:
         if inference not in INFERENCE_BACKENDS:
             raise ValueError(f"inference must be one of {sorted(INFERENCE_BACKENDS)}, got {inference!r}")
@@ -135,6 +165,7 @@ class EdgeClient:
         self.device_id = device_id
         self.credential = credential
         self.tls = tls
+        self.artifact_cache = artifact_cache  # model artifacts shared with other clients on this host
         self.inference_kind = INFERENCE_BACKENDS[inference]
         self.fine_tuning = fine_tuning
         self.journal = Journal(self.home / "journal.db", durability)
@@ -306,37 +337,34 @@ class EdgeClient:
 
                 result = keras_trainer.fine_tune(path, artifact.sha256, x, y, epochs, batch_size, learning_rate, seed)
                 delta, loss = result.delta, result.loss
-            elif self.fine_tuning == "litert":
-                delta, loss = self._fine_tune_litert(path, x, y, epochs, batch_size, learning_rate, seed)
             else:
-                delta, loss = self._fine_tune_head(path, x, y, epochs, batch_size, learning_rate, seed)
+                delta, loss = self._fine_tune_lite(
+                    self.fine_tuning, path, artifact.sha256, x, y, epochs, batch_size, learning_rate, seed
+                )
             return self._journal_delta(manifest.version, delta, len(x), loss, codec)
 
     @staticmethod
-    def _fine_tune_litert(
-        path: Path, x: np.ndarray, y: np.ndarray, epochs: int, batch_size: int, learning_rate: float, seed: int
+    def _fine_tune_lite(
+        profile: str,
+        path: Path,
+        sha256: str,
+        x: np.ndarray,
+        y: np.ndarray,
+        epochs: int,
+        batch_size: int,
+        learning_rate: float,
+        seed: int,
     ) -> tuple[dict[str, np.ndarray], float]:
-        """Lean profile for the whole model: LiteRT training signatures, no TensorFlow."""
-        from client.litert_training import LiteRTTrainer
+        """Lean profiles, LiteRT training signatures and no TensorFlow: "litert" trains the whole
+        model; "head" the softmax head only, and its delta covers the head's variables only."""
+        from client.litert_training import LiteRTHeadTrainer, LiteRTTrainer
 
-        trainer = LiteRTTrainer(path)
-        base = trainer.get_weights()
-        losses = trainer.fit(x, y, lr=learning_rate, epochs=epochs, batch_size=batch_size, seed=seed)
-        trained = trainer.get_weights()
-        return {name: (trained[name] - base[name]).astype(np.float32) for name in base}, float(losses[-1])
-
-    @staticmethod
-    def _fine_tune_head(
-        path: Path, x: np.ndarray, y: np.ndarray, epochs: int, batch_size: int, learning_rate: float, seed: int
-    ) -> tuple[dict[str, np.ndarray], float]:
-        """Lean profile: train the softmax head in LiteRT; the delta covers the head's variables only."""
-        from client.litert_training import LiteRTHeadTrainer
-
-        trainer = LiteRTHeadTrainer(path)
-        base = trainer.get_weights()
-        losses = trainer.fit(x, y, lr=learning_rate, epochs=epochs, batch_size=batch_size, seed=seed)
-        trained = trainer.get_weights()
-        delta = {HEAD_VARIABLES[name]: (trained[name] - base[name]).astype(np.float32) for name in base}
+        trainer_class = LiteRTTrainer if profile == "litert" else LiteRTHeadTrainer
+        names = {} if profile == "litert" else HEAD_VARIABLES
+        with shared_trainer(trainer_class, path, sha256) as (trainer, base):
+            losses = trainer.fit(x, y, lr=learning_rate, epochs=epochs, batch_size=batch_size, seed=seed)
+            trained = trainer.get_weights()
+        delta = {names.get(name, name): (trained[name] - base[name]).astype(np.float32) for name in base}
         return delta, float(losses[-1])
 
     def _journal_delta(

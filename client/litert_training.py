@@ -43,8 +43,6 @@ def _trainer_signatures(weight_tensors: tuple[str, ...]) -> dict[str, tuple[froz
     }
 
 
-
-
 def _check_labels(y: Any, n: int, num_classes: int) -> np.ndarray:
     """Class indices as int32 of shape ``(n,)``; integer dtypes only."""
     arr = np.asarray(y)

@@ -56,26 +56,37 @@ class ModelStore:
         self.keep_versions = keep_versions
         self.durable = durable
         self.root.mkdir(parents=True, exist_ok=True)
+        # This object is the store's only writer: what it last read or wrote of CURRENT and of the
+        # (immutable) manifests stays true until it changes them itself.
+        self._current: int | None = None
+        self._manifests: dict[int, Manifest] = {}
         if not durable:
             self._roll_back_incomplete()
 
     # -- reading ------------------------------------------------------------------------------
 
     def current_version(self) -> int:
-        try:
-            return int((self.root / CURRENT).read_text().strip() or 0)
-        except FileNotFoundError:
-            return 0
+        if self._current is None:
+            try:
+                self._current = int((self.root / CURRENT).read_text().strip() or 0)
+            except FileNotFoundError:
+                return 0
+        return self._current
 
     def version_dir(self, version: int) -> Path:
         return self.root / f"v{version}"
 
     def manifest(self, version: int | None = None) -> Manifest | None:
         version = self.current_version() if version is None else version
+        cached = self._manifests.get(version)
+        if cached is not None:
+            return cached
         path = self.version_dir(version) / MANIFEST_NAME
         if version == 0 or not path.exists():
             return None
-        return Manifest.from_json(path.read_bytes())
+        manifest = Manifest.from_json(path.read_bytes())
+        self._manifests[version] = manifest
+        return manifest
 
     def artifact_path(self, kind: str, version: int | None = None) -> Path | None:
         manifest = self.manifest(version)
@@ -121,7 +132,7 @@ class ModelStore:
             raise InstallError(f"version {manifest.version} has none of the artifact kinds {sorted(wanted_kinds)}")
         final = self.version_dir(manifest.version)
         if final.exists() and not self.durable and not self._intact(manifest.version):
-            shutil.rmtree(final)  # left incomplete by a power cut: fetch it again
+            self._remove(manifest.version)  # left incomplete by a power cut: fetch it again
         if not final.exists():
             try:
                 self._stage(manifest, wanted, fetch, final)
@@ -130,7 +141,7 @@ class ModelStore:
         try:
             smoke_test(final, manifest)
         except Exception as exc:
-            shutil.rmtree(final, ignore_errors=True)
+            self._remove(manifest.version)
             raise InstallError(f"version {manifest.version} failed its smoke test: {exc}") from exc
         self._switch(manifest.version)
         self.prune()
@@ -166,6 +177,11 @@ class ModelStore:
         good = [v for v in self.good_versions() if v != version] + [version]
         write_atomically(self.root / GOOD, " ".join(map(str, good)).encode(), durable=self.durable)
         write_atomically(self.root / CURRENT, str(version).encode(), durable=self.durable)
+        self._current = version
+
+    def _remove(self, version: int) -> None:
+        self._manifests.pop(version, None)
+        shutil.rmtree(self.version_dir(version), ignore_errors=True)
 
     def rollback(self, reason: str = "") -> int:
         """Go back to the newest good version before the current one; returns it (0: none left)."""
@@ -174,6 +190,7 @@ class ModelStore:
         write_atomically(self.root / GOOD, " ".join(map(str, good)).encode(), durable=self.durable)
         previous = good[-1] if good else 0
         write_atomically(self.root / CURRENT, str(previous).encode(), durable=self.durable)
+        self._current = previous
         return previous
 
     def _intact(self, version: int) -> bool:
@@ -201,7 +218,7 @@ class ModelStore:
         removed = []
         for version in self.installed_versions():
             if version not in keep_set:
-                shutil.rmtree(self.version_dir(version), ignore_errors=True)
+                self._remove(version)
                 removed.append(version)
         current = self.current_version()
         for child in self.root.glob(".staging-v*"):

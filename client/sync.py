@@ -7,6 +7,7 @@ are sent after the coordinator's commit.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import threading
@@ -28,7 +29,7 @@ from tenacity import (
 from client.journal import Journal
 from client.model_store import InstallError
 from client.predictions import PredictionCache, StoredCorrection
-from fedsync.manifest import Artifact
+from fedsync.manifest import Artifact, sha256_file
 from fedsync.v1 import sync_pb2 as pb
 from fedsync.v1.sync_pb2_grpc import SyncStub
 from fedsync.wire import call_metadata, open_channel
@@ -62,6 +63,7 @@ class SyncReport:
     install_error: str | None = None
     bytes_up: int = 0
     bytes_down: int = 0
+    bytes_shared: int = 0  # artifact bytes linked from the host's shared cache instead of downloaded
     resumed_delta_bytes: int = 0
     notes: list[str] = field(default_factory=list)
 
@@ -139,6 +141,7 @@ class _Session:
         self.timeout_s = timeout_s
         self.metadata = call_metadata(client.device_id, client.credential)
         self.report = SyncReport()
+        self.corrections_waiting = 0  # the newest correction cursor the coordinator has told of
         # Its own connection, so inference and fine-tuning go on while the sync runs.
         self.journal = self._open_journal(mmap=True)
 
@@ -163,19 +166,27 @@ class _Session:
         )
         # An ack may have been lost after the coordinator's commit: its marks are the truth.
         journal.ack_events(hello.events_high_water)
+        self.corrections_waiting = hello.corrections_cursor
         if journal.last_event_seq() > hello.events_high_water:
             self._push_events(hello.events_high_water)
         for seq in range(journal.deltas_acked() + 1, hello.deltas_high_water + 1):
             journal.ack_delta(seq, "sent")  # stored by the coordinator, ack lost (accepted or rejected there)
         self._push_deltas(hello.deltas_high_water, hello.delta_resume_offset, hello.delta_resume_sha256)
-        self._pull_corrections()
-        self._pull_model()
+        # Hello (and the event acks, for corrections this sync's own events caused) says whether
+        # there is anything to pull: most syncs then skip one or both calls.
+        if self.corrections_waiting > journal.get_meta("corrections_cursor"):
+            self._pull_corrections()
+        if hello.current_model_version > self.client.model_version:
+            self._pull_model()
         self.report.model_version = self.client.model_version
         return self.report
 
     # -- events --------------------------------------------------------------------------
 
     def _push_events(self, high_water: int) -> None:
+        if self.journal.last_event_seq() - high_water <= EVENT_BATCH_SIZE:
+            self._push_event_batch(high_water)
+            return
         journal = self.journal
         window = threading.Semaphore(EVENT_WINDOW)
         failures: queue.SimpleQueue[BaseException] = queue.SimpleQueue()
@@ -190,18 +201,7 @@ class _Session:
                             return
                     if stop.is_set():
                         return
-                    seqs, hashes, labels, confidences, versions, latencies, times = columns
-                    message = pb.EventBatch(
-                        seq=seqs,
-                        input_hashes=b"".join(hashes),
-                        labels=labels,
-                        confidences=confidences,
-                        model_versions=versions,
-                        latencies_us=[latency or 0.0 for latency in latencies],
-                        times_unix_ns=times,
-                    )
-                    self.report.bytes_up += message.ByteSize()
-                    yield message
+                    yield self._event_batch(columns)
             except BaseException as exc:  # surfaced to the caller below
                 failures.put(exc)
             finally:
@@ -215,6 +215,7 @@ class _Session:
             for ack in responses:
                 watchdog.progress()
                 journal.ack_events(ack.high_water)
+                self.corrections_waiting = max(self.corrections_waiting, ack.corrections_cursor)
                 self.report.events_sent += ack.accepted
                 self.report.events_duplicates += ack.duplicates
                 window.release()
@@ -227,6 +228,35 @@ class _Session:
             stop.set()
         if not failures.empty():
             raise failures.get()
+
+    def _push_event_batch(self, high_water: int) -> None:
+        """What fits one batch goes as a one-message stream with a deadline: no reader connection
+        of its own, no watchdog thread (the common case: a device syncs what it did since last time)."""
+        journal = self.journal
+        columns = next(journal.iter_event_columns(high_water, EVENT_BATCH_SIZE), None)
+        if columns is None:
+            return
+        message = self._event_batch(columns)
+        responses = self.stub.PushEvents(iter([message]), metadata=self.metadata, timeout=self.timeout_s)
+        for ack in responses:
+            journal.ack_events(ack.high_water)
+            self.corrections_waiting = max(self.corrections_waiting, ack.corrections_cursor)
+            self.report.events_sent += ack.accepted
+            self.report.events_duplicates += ack.duplicates
+
+    def _event_batch(self, columns: list[list]) -> pb.EventBatch:
+        seqs, hashes, labels, confidences, versions, latencies, times = columns
+        message = pb.EventBatch(
+            seq=seqs,
+            input_hashes=b"".join(hashes),
+            labels=labels,
+            confidences=confidences,
+            model_versions=versions,
+            latencies_us=[latency or 0.0 for latency in latencies],
+            times_unix_ns=times,
+        )
+        self.report.bytes_up += message.ByteSize()
+        return message
 
     # -- deltas --------------------------------------------------------------------------
 
@@ -263,8 +293,17 @@ class _Session:
                 finally:
                     reader.close()
 
+            requests = chunks()
+            if payload_size - offset <= DELTA_CHUNK_BYTES:
+                # One chunk (most deltas): read here, on the session's connection, not by a reader
+                # connection of its own in gRPC's request thread.
+                small = [pb.DeltaChunk(header=header)]
+                for chunk in journal.read_payload(delta.seq, offset, DELTA_CHUNK_BYTES):
+                    self.report.bytes_up += len(chunk)
+                    small.append(pb.DeltaChunk(data=chunk))
+                requests = iter(small)
             try:
-                ack = self.stub.PushDelta(chunks(), metadata=self.metadata, timeout=self.timeout_s)
+                ack = self.stub.PushDelta(requests, metadata=self.metadata, timeout=self.timeout_s)
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
                     raise
@@ -321,7 +360,7 @@ class _Session:
         try:
             installed = self.client.models.install(
                 info.manifest_json,
-                fetch=lambda artifact, path: self._download(info.version, artifact, path),
+                fetch=lambda artifact, path: self._fetch(info.version, artifact, path),
                 smoke_test=self.client.smoke_test,
                 kinds=self.client.wanted_artifact_kinds(),
             )
@@ -330,12 +369,27 @@ class _Session:
             return
         self.report.installed_version = installed
         self.client.reload_model()
+        if self.client.artifact_cache is not None:
+            manifest = self.client.models.manifest(installed)
+            for artifact in manifest.artifacts if manifest is not None else ():
+                path = self.client.models.version_dir(installed) / artifact.name
+                if path.exists():  # verified by the store's install
+                    self.client.artifact_cache.add(path, artifact.sha256)
         # Tell the coordinator which version this device now runs: it keeps that version published.
         self.stub.Hello(
             pb.HelloRequest(model_version=installed, client_version="fedsync/0.1"),
             metadata=self.metadata,
             timeout=self.timeout_s,
         )
+
+    def _fetch(self, version: int, artifact: Artifact, path: Path) -> None:
+        cache = self.client.artifact_cache
+        if cache is not None and not path.exists() and cache.link_into(artifact.sha256, artifact.size, path):
+            if sha256_file(path) == artifact.sha256:
+                self.report.bytes_shared += artifact.size
+                return
+            path.unlink()  # a damaged shared copy: download this device's own
+        self._download(version, artifact, path)
 
     def _download(self, version: int, artifact: Artifact, path: Path) -> None:
         offset = path.stat().st_size if path.exists() else 0
@@ -346,17 +400,24 @@ class _Session:
         # Chunks are written by a thread of their own, in order, while the next ones arrive: writing
         # to new pages of the page cache can take as long as the transfer. Leaving the block waits
         # for the writes, so a cut download keeps every chunk it received.
-        with open(path, "ab", buffering=0) as f, ThreadPoolExecutor(1, "fedsync-download") as writer:
+        # A download that comes in one chunk (most models) is written here, without the thread.
+        with open(path, "ab", buffering=0) as f, contextlib.ExitStack() as stack:
+            writer: ThreadPoolExecutor | None = None
             writes: deque[Future[None]] = deque()
             for chunk in self.stub.DownloadArtifact(request, metadata=self.metadata, timeout=self.timeout_s):
                 if chunk.offset != offset:
                     raise InstallError(f"{artifact.name}: chunk at offset {chunk.offset}, expected {offset}")
                 data = chunk.data  # each access to a bytes field copies it
+                offset += len(data)
+                self.report.bytes_down += len(data)
+                if writer is None and offset >= artifact.size:
+                    _write_all(f, data)
+                    continue
+                if writer is None:
+                    writer = stack.enter_context(ThreadPoolExecutor(1, "fedsync-download"))
                 writes.append(writer.submit(_write_all, f, data))
                 if len(writes) > DOWNLOAD_WRITES_AHEAD:
                     writes.popleft().result()
-                offset += len(data)
-                self.report.bytes_down += len(data)
             for write in writes:
                 write.result()
 

@@ -426,6 +426,7 @@ def test_prune_always_keeps_current(store: ModelStore, src: Path) -> None:
         install(store, publish(src, v))
     # As after a crash inside the switch: GOOD already lists 3, CURRENT still says 2.
     (store.root / CURRENT).write_text("2")
+    store = ModelStore(store.root, keep_versions=store.keep_versions, durable=store.durable)  # the restarted client
     removed = store.prune(keep_versions=1)
     assert removed == [1]
     assert store.installed_versions() == [2, 3]

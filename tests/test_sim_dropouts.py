@@ -10,6 +10,7 @@ import pytest
 
 from client import Durability, EdgeClient
 from coordinator import Coordinator
+from coordinator.records import EventRow
 from fedsync.aggregation import Strategy
 from fedsync.sim.config import SimulationConfig, scaled_workload
 from fedsync.sim.connectivity import DeviceSchedule
@@ -131,13 +132,24 @@ def test_the_cutter_drops_the_link_in_every_kind_of_call_and_the_device_resumes(
                 else:
                     assert not cutter.tripped
             client.sync(coordinator.address)
-            stored = coordinator.store.conn.execute(f"SELECT {EVENT_COLUMNS} FROM events ORDER BY seq").fetchall()
+            stored = coordinator.store.conn.execute(
+                f"SELECT {EVENT_COLUMNS} FROM events WHERE device_id = ? ORDER BY seq", ("device-0",)
+            ).fetchall()
             assert [tuple(r) for r in stored] == journal_events(tmp_path / "device")
             deltas = coordinator.store.conn.execute("SELECT seq FROM deltas ORDER BY seq").fetchall()
             assert [seq for (seq,) in deltas] == list(range(1, cut_after + 3))
             assert client.journal.pending_delta_count() == 0
             assert client.model_version == coordinator.version
+            # A surer rival prediction of the device's newest input: a correction waits for the next
+            # sync (without one, a session skips PullCorrections).
+            _, input_hash, label, _, version, _ = stored[-1]
+            rival = EventRow(cut_after + 1, bytes(input_hash), (label + 1) % 10, 1.0, version, 0.0, cut_after + 1)
+            with coordinator.store.lock:
+                coordinator.store.touch_device("device-rival")
+                coordinator.store.add_events("device-rival", [rival])
         assert cut_in == {"Hello", "PushEvents", "PushDelta", "PullCorrections", "GetModelInfo", "DownloadArtifact"}
+        client.sync(coordinator.address)
+        assert client.cache.correction(bytes(input_hash)) is not None  # the last correction arrived
     finally:
         client.close()
         coordinator.stop()

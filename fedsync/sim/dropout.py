@@ -27,9 +27,9 @@ if TYPE_CHECKING:
     from client.sync import SyncReport
 
 # A dropping link lasts a uniformly drawn 0 to MAX_CUT_MESSAGES - 1 messages. A sync that sends
-# events and a delta and downloads a new model is about 16 messages long; a shorter one may finish
-# before its link drops, and then is not cut.
-MAX_CUT_MESSAGES = 16
+# events and a delta and fetches a new model (linked from the host's shared artifacts) is about 11
+# messages long; a shorter one may finish before its link drops, and then is not cut.
+MAX_CUT_MESSAGES = 8
 
 
 class LinkDropped(grpc.RpcError):
@@ -166,6 +166,7 @@ class SyncOutcome:
     corrections_applied: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
+    bytes_shared: int = 0  # model bytes linked from the host's shared artifact cache, not downloaded
     dropout: bool = False  # the attempt's link was drawn to drop
     cut: bool = False  # and dropped before the sync was done
     cut_bytes: int = 0  # what crossed the link before a cut
@@ -180,6 +181,7 @@ class SyncOutcome:
             report.corrections_applied,
             report.bytes_up,
             report.bytes_down,
+            report.bytes_shared,
             dropout,
         )
 
