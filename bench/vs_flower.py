@@ -66,10 +66,6 @@ TARGET_KEY = "async_vs_sync_time_to_0.90"
 # -- fedsync side ---------------------------------------------------------------------------------
 
 
-class _StopRun(Exception):
-    """Raised from on_round to end a simulation early (target reached, or out of budget)."""
-
-
 def peak_rss_mb() -> float:
     """This process's own high-water mark (VmHWM), which unlike ru_maxrss does not survive exec."""
     try:
@@ -109,12 +105,11 @@ def run_fedsync(spec: dict) -> dict:
 
     ``spec`` keys: devices, aggregation, online_probability, local_training, local_epochs,
     batch_size, lr, partition, alpha, overlap, seed, predictions_per_round, target, extra_rounds,
-    max_minutes, max_rounds, data_dir.
+    max_minutes, max_rounds, data_dir, backend (local or processes, default local).
 
     Published versions are recorded by wrapping ``Coordinator.aggregate_now`` (the runner's only
-    aggregation call): wall time, version, test accuracy and number of deltas aggregated. The
-    runner has no stop hook, so ``on_round`` raises to stop; the figures come from those records.
-    """
+    aggregation call): wall time, version, test accuracy and number of deltas aggregated.
+    ``stop_when`` ends the run early (target reached, or out of budget)."""
     from fedsync._quiet import quiet_tensorflow_logs
 
     quiet_tensorflow_logs()
@@ -140,6 +135,7 @@ def run_fedsync(spec: dict) -> dict:
         local_training=str(spec["local_training"]),
         cohort_fraction=float(spec.get("cohort_fraction", 1.0)),
         round_timeout=int(spec.get("round_timeout", 4)),
+        backend=str(spec.get("backend", "local")),
     )
     target = float(spec["target"])
     budget_s = float(spec["max_minutes"]) * 60
@@ -162,7 +158,7 @@ def run_fedsync(spec: dict) -> dict:
             )
         return published
 
-    def on_round(figures: RoundFigures) -> None:
+    def stop_when(figures: RoundFigures) -> bool:
         now = time.perf_counter() - started
         rounds.append(
             {
@@ -178,17 +174,16 @@ def run_fedsync(spec: dict) -> dict:
             state["hit_round"] = figures.round
         if state["hit_round"] is not None and figures.round >= state["hit_round"] + int(spec["extra_rounds"]):
             state["stopped_by"] = "target"
-            raise _StopRun
+            return True
         if now > budget_s:
             state["stopped_by"] = "time"
-            raise _StopRun
+            return True
+        return False
 
     coordinator.Coordinator.aggregate_now = recording_aggregate_now
     started = time.perf_counter()
     try:
-        run_simulation(config, on_round=on_round)
-    except _StopRun:
-        pass
+        report = run_simulation(config, stop_when=stop_when)
     finally:
         coordinator.Coordinator.aggregate_now = original
     total_s = time.perf_counter() - started
@@ -219,7 +214,11 @@ def run_fedsync(spec: dict) -> dict:
         "rounds_to_target": state["hit_round"],
         "final_accuracy": timeline[-1]["accuracy"] if timeline else None,
         "stopped_by": state["stopped_by"],
-        "peak_rss_mb": peak_rss_mb(),
+        "backend": config.backend,
+        # The driver (coordinator and rounds) plus, with --backend processes, each device worker.
+        "peak_rss_mb": peak_rss_mb() + sum(report.device_host_peak_rss_mb),
+        "driver_peak_rss_mb": peak_rss_mb(),
+        "worker_peak_rss_mb": report.device_host_peak_rss_mb,
         "accuracy_over_time": [{k: p[k] for k in ("wall_s", "version", "accuracy")} for p in timeline],
     }
 

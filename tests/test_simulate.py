@@ -62,7 +62,7 @@ def test_compare_with_an_unknown_item_fails_before_any_work(tmp_path: Path, caps
         (["--dropout-prob", "-0.1"], "--dropout-prob must be in [0, 1], got -0.1"),
         (["--speed-min", "0"], "--speed-min and --speed-max must be finite and > 0"),
         (["--speed-min", "2", "--speed-max", "1"], "--speed-min 2.0 is above --speed-max 1.0"),
-        (["--backend", "dask"], "--backend must be local or ray, got 'dask'"),
+        (["--backend", "dask"], "--backend must be one of local, processes, ray, got 'dask'"),
         (["--cohort-fraction", "0"], "--cohort-fraction must be in (0, 1], got 0.0"),
         (["--cohort-fraction", "1.5"], "--cohort-fraction must be in (0, 1], got 1.5"),
         (["--round-timeout", "0"], "--round-timeout must be at least 1, got 0"),

@@ -42,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-cert", help="server certificate (PEM), see `fedsync certs`")
     serve.add_argument("--tls-key", help="server private key (PEM)")
     serve.add_argument("--client-ca", help="require client certificates signed by this CA (mutual TLS)")
+    serve.add_argument(
+        "--durability",
+        choices=["power", "process"],
+        default="power",
+        help="what an acknowledged write survives: a power cut (default), or only a crash of the coordinator process",
+    )
     serve.set_defaults(run=_serve)
     enroll = coordinator.add_parser("enroll", help="issue a device credential (prints the token once)")
     enroll.add_argument("--data-dir", default=".fedsync/coordinator")
@@ -95,9 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--speed-min", type=float, default=1.0, help="slowest device speed (scales predictions, epochs)")
     sim.add_argument("--speed-max", type=float, default=1.0, help="fastest device speed")
     sim.add_argument(
-        "--backend", default="local", help="local (this process) or ray (devices in Ray actors; pip install "
+        "--backend", default="local", help="local (every device in this process, fully reproducible), processes "
+        "(devices in worker processes, one per CPU: uses every core) or ray (devices in Ray actors; pip install "
         "'fedsync[ray]')",
     )  # fmt: skip
+    sim.add_argument("--workers", type=int, default=0, help="processes backend: worker processes (0: one per CPU)")
     sim.add_argument("--ray-address", default=None, help="ray backend: an existing Ray cluster (default: start one)")
     sim.set_defaults(run=_simulate)
 

@@ -34,6 +34,7 @@ def _simulate(args: argparse.Namespace) -> int:
         speed_min=args.speed_min,
         speed_max=args.speed_max,
         backend=args.backend,
+        workers=args.workers,
         ray_address=args.ray_address,
     )
     try:

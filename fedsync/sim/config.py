@@ -10,7 +10,7 @@ from fedsync.sim.connectivity import ConnectivityModel
 from fedsync.sim.data import SCHEMES
 
 ROUND_SECONDS = 60.0
-BACKENDS = ("local", "ray")
+BACKENDS = ("local", "processes", "ray")
 
 
 class SimulationConfigError(ValueError):
@@ -46,7 +46,8 @@ class SimulationConfig:
     # local epochs per round; 1.0 and 1.0 give every device the nominal workload.
     speed_min: float = 1.0
     speed_max: float = 1.0
-    backend: str = "local"  # local (this process) or ray (devices in Ray actors)
+    backend: str = "local"  # local (this process), processes (worker processes here) or ray (Ray actors)
+    workers: int = 0  # processes: how many worker processes host the devices (0: one per CPU)
     ray_address: str | None = None  # an existing Ray cluster; None starts a local one
 
     def validate(self) -> None:
@@ -85,7 +86,9 @@ class SimulationConfig:
         if self.predictions_per_round < 0:
             raise SimulationConfigError(f"--predictions-per-round must be >= 0, got {self.predictions_per_round}")
         if self.backend not in BACKENDS:
-            raise SimulationConfigError(f"--backend must be local or ray, got {self.backend!r}")
+            raise SimulationConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.workers < 0:
+            raise SimulationConfigError(f"--workers must be >= 0 (0: one per CPU), got {self.workers}")
         if self.backend == "ray":
             try:
                 import ray  # noqa: F401

@@ -65,14 +65,21 @@ class DeviceGroup:
 
     def __init__(self, config: SimulationConfig, indices: Sequence[int]) -> None:
         from client import Durability, EdgeClient
+        from client.artifact_cache import ArtifactCache
 
         self.config = config
         shards = fleet_shards(config)
         model = config.connectivity()
+        # The devices download each model version once per host; the rest link it (see client.artifact_cache).
+        shared = ArtifactCache(Path(config.data_dir) / "devices" / ".shared-artifacts")
         self.devices: dict[int, _Device] = {}
         for i in indices:
             client = EdgeClient(
-                device_home(config, i), device_id(i), durability=Durability.PROCESS, fine_tuning=config.local_training
+                device_home(config, i),
+                device_id(i),
+                durability=Durability.PROCESS,
+                fine_tuning=config.local_training,
+                artifact_cache=shared,
             )
             self.devices[i] = _Device(i, client, shards[i], DeviceSchedule(model, config.seed, i))
 

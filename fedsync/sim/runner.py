@@ -69,7 +69,8 @@ class RoundFigures:
 class SimulationReport:
     config: dict[str, object]
     backend: str = "local"
-    device_hosts: int = 1  # processes the devices lived in: 1 locally, the number of Ray actors
+    device_hosts: int = 1  # processes the devices lived in: 1 locally, else the workers or Ray actors
+    device_host_peak_rss_mb: list[float] = field(default_factory=list)  # processes backend: each worker's
     versions: list[dict[str, float]] = field(default_factory=list)
     rounds: list[RoundFigures] = field(default_factory=list)
     events_journaled: int = 0
@@ -81,6 +82,9 @@ class SimulationReport:
     corrections_applied: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
+    # Model bytes the devices of a host linked from their shared artifact cache instead of
+    # downloading them again (each device would download them on its own link in the field).
+    bytes_down_shared: int = 0
     sync_attempts: int = 0
     sync_dropouts: int = 0  # attempts whose link was drawn to drop (--dropout-prob)
     syncs_cut: int = 0  # those whose link dropped before the sync was done
@@ -278,6 +282,10 @@ def open_fleet(config: SimulationConfig) -> Fleet:
         from fedsync.sim.ray_backend import RayFleet
 
         return RayFleet(config)
+    if config.backend == "processes":
+        from fedsync.sim.process_backend import ProcessFleet
+
+        return ProcessFleet(config)
     return LocalFleet(config)
 
 
@@ -285,10 +293,13 @@ def run_simulation(
     config: SimulationConfig,
     on_round: Callable[[RoundFigures], None] | None = None,
     on_progress: Callable[[ProgressTick], None] | None = None,
+    stop_when: Callable[[RoundFigures], bool] | None = None,
 ) -> SimulationReport:
+    """Run the simulation; `stop_when`, asked after every round, ends it early when it says so."""
     config.validate()
     from coordinator import Coordinator
     from coordinator.publisher import EvaluationData
+    from coordinator.schema import Durability
     from fedsync.sim.devices import fleet_shards, ground_truth, reset_devices
 
     started = time.perf_counter()
@@ -302,6 +313,8 @@ def run_simulation(
         strategy=_strategy(config),
         evaluation=EvaluationData(test.x, test.y),
         auto_aggregate=False,
+        # A simulation need not survive a power cut: commits without fsyncs (kill -9 still safe).
+        durability=Durability.PROCESS,
         # Publish only what the virtual fleet installs (float32 inference plus its training artifact).
         publish_int8=False,
         publish_trainable_head=config.local_training == "head",
@@ -375,12 +388,15 @@ def run_simulation(
             report.corrections_applied += figures.corrections_applied
             if on_round is not None:
                 on_round(figures)
+            if stop_when is not None and stop_when(figures):
+                break
         _final_figures(coordinator, truth, report)
         if fedavg is not None:
             _fedavg_figures(fedavg, report)
     finally:
         if fleet is not None:
             fleet.close()
+            report.device_host_peak_rss_mb = list(getattr(fleet, "peak_rss_mb", []))
         coordinator.stop()
     report.wall_s = time.perf_counter() - started
     return report
@@ -398,6 +414,7 @@ def _add_outcome(report: SimulationReport, figures: RoundFigures, outcome: SyncO
     report.deltas_rejected += outcome.deltas_rejected
     report.bytes_up += outcome.bytes_up
     report.bytes_down += outcome.bytes_down
+    report.bytes_down_shared += outcome.bytes_shared
 
 
 def _fedavg_figures(fedavg: FedAvgRounds, report: SimulationReport) -> None:
