@@ -135,7 +135,7 @@ class ModelStore:
             self._remove(manifest.version)  # left incomplete by a power cut: fetch it again
         if not final.exists():
             try:
-                self._stage(manifest, wanted, fetch, final)
+                self._stage(manifest, manifest_json, wanted, fetch, final)
             except OSError as exc:  # a full disk, say: the current version stays, the staged part may resume
                 raise InstallError(f"could not store version {manifest.version}: {exc.strerror or exc}") from None
         try:
@@ -147,7 +147,9 @@ class ModelStore:
         self.prune()
         return manifest.version
 
-    def _stage(self, manifest: Manifest, wanted: list[Artifact], fetch: FetchArtifact, final: Path) -> None:
+    def _stage(
+        self, manifest: Manifest, manifest_json: bytes, wanted: list[Artifact], fetch: FetchArtifact, final: Path
+    ) -> None:
         staging = self.root / f".staging-v{manifest.version}"
         staging.mkdir(exist_ok=True)
         for artifact in wanted:
@@ -157,7 +159,9 @@ class ModelStore:
             self._verify(path, artifact)
             if self.durable:
                 fsync_path(path)
-        write_atomically(staging / MANIFEST_NAME, manifest.to_json(), durable=self.durable)
+        # The bytes as published (they parsed into `manifest`), not a re-serialization: the same file
+        # as the coordinator's, and encoding a manifest costs more than the rest of an install.
+        write_atomically(staging / MANIFEST_NAME, manifest_json, durable=self.durable)
         staging.rename(final)
         if self.durable:
             fsync_path(self.root)

@@ -177,7 +177,7 @@ class _Session:
         if self.corrections_waiting > journal.get_meta("corrections_cursor"):
             self._pull_corrections()
         if hello.current_model_version > self.client.model_version:
-            self._pull_model()
+            self._pull_model(hello)
         self.report.model_version = self.client.model_version
         return self.report
 
@@ -353,14 +353,21 @@ class _Session:
 
     # -- model ---------------------------------------------------------------------------
 
-    def _pull_model(self) -> None:
-        info = self.stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=self.metadata, timeout=self.timeout_s)
-        if info.version == 0 or info.version <= self.client.model_version:
+    def _pull_model(self, hello: pb.HelloResponse) -> None:
+        # Hello brings the manifest of a newer version (and the coordinator keeps that version for
+        # this device); a coordinator that does not is asked, and told what was installed.
+        offered = bool(hello.current_manifest_json)
+        if offered:
+            version, manifest_json = hello.current_model_version, hello.current_manifest_json
+        else:
+            info = self.stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=self.metadata, timeout=self.timeout_s)
+            version, manifest_json = info.version, info.manifest_json
+        if version == 0 or version <= self.client.model_version:
             return
         try:
             installed = self.client.models.install(
-                info.manifest_json,
-                fetch=lambda artifact, path: self._fetch(info.version, artifact, path),
+                manifest_json,
+                fetch=lambda artifact, path: self._fetch(version, artifact, path),
                 smoke_test=self.client.smoke_test,
                 kinds=self.client.wanted_artifact_kinds(),
             )
@@ -375,12 +382,12 @@ class _Session:
                 path = self.client.models.version_dir(installed) / artifact.name
                 if path.exists():  # verified by the store's install
                     self.client.artifact_cache.add(path, artifact.sha256)
-        # Tell the coordinator which version this device now runs: it keeps that version published.
-        self.stub.Hello(
-            pb.HelloRequest(model_version=installed, client_version="fedsync/0.1"),
-            metadata=self.metadata,
-            timeout=self.timeout_s,
-        )
+        if not offered:  # tell the coordinator which version this device now runs: it keeps it published
+            self.stub.Hello(
+                pb.HelloRequest(model_version=installed, client_version="fedsync/0.1"),
+                metadata=self.metadata,
+                timeout=self.timeout_s,
+            )
 
     def _fetch(self, version: int, artifact: Artifact, path: Path) -> None:
         cache = self.client.artifact_cache

@@ -101,6 +101,7 @@ class Aggregator:
             self.version = latest[0]
             self.weights = publisher.load_weights(self.version)
         self.manifest_json = store.latest_version()[1]  # type: ignore[index]
+        self.published: tuple[int, bytes] = (self.version, self.manifest_json)  # one attribute: read atomically
 
     def reference_weights(self) -> Weights:
         return self.weights
@@ -152,6 +153,7 @@ class Aggregator:
             new_version, self.version, manifest_json, manifest.metrics.get("accuracy"), used, rejected
         )
         self.version, self.weights, self.manifest_json = new_version, new_weights, manifest_json
+        self.published = (new_version, manifest_json)
         self.metrics.version_published()
         self.prune_versions()
         for _, _, reason in rejected:

@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS devices (
     deltas_high_water INTEGER NOT NULL DEFAULT 0,
     model_version INTEGER NOT NULL DEFAULT 0,
     first_seen_ns INTEGER NOT NULL,
-    last_seen_ns INTEGER NOT NULL
+    last_seen_ns INTEGER NOT NULL,
+    offered_version INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS events (
     device_id TEXT NOT NULL,
@@ -121,3 +122,10 @@ def insert_events(conn: sqlite3.Connection, device_id: str, columns: Sequence[li
             "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             zip(itertools.repeat(device_id), *(c[whole:] for c in columns)),
         )
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Bring a store written by an earlier release up to SCHEMA (CREATE IF NOT EXISTS adds no columns)."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(devices)")}
+    if "offered_version" not in columns:
+        conn.execute("ALTER TABLE devices ADD COLUMN offered_version INTEGER NOT NULL DEFAULT 0")

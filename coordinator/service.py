@@ -92,16 +92,19 @@ class SyncService(SyncServicer):
         device = device_of(context)
         if request.model_version > INT64_MAX:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"model_version {request.model_version} is out of range")
-        marks = self.store.touch_device(device, request.model_version)
+        version, manifest_json = self.aggregator.published
+        offered = version if version > request.model_version else 0
+        marks = self.store.touch_device(device, request.model_version, offered)
         partial = self.uploads.status(device)
         resumable = partial is not None and partial.seq == marks.deltas_high_water + 1
         return pb.HelloResponse(
             events_high_water=marks.events_high_water,
             deltas_high_water=marks.deltas_high_water,
-            current_model_version=self.aggregator.version,
+            current_model_version=version,
             delta_resume_offset=partial.received if resumable else 0,
             delta_resume_sha256=partial.sha256 if resumable else b"",
             corrections_cursor=marks.corrections_cursor,
+            current_manifest_json=manifest_json if offered else b"",
         )
 
     def PushEvents(
@@ -334,7 +337,8 @@ class SyncService(SyncServicer):
 
     def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
         device_of(context)
-        return pb.ModelInfo(version=self.aggregator.version, manifest_json=self.aggregator.manifest_json)
+        version, manifest_json = self.aggregator.published
+        return pb.ModelInfo(version=version, manifest_json=manifest_json)
 
     def DownloadArtifact(
         self, request: pb.DownloadArtifactRequest, context: grpc.ServicerContext

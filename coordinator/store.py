@@ -21,7 +21,7 @@ from typing import NamedTuple, ParamSpec, TypeVar
 
 from coordinator.conflict_index import ConflictIndex, Resolution
 from coordinator.records import BatchResult, CorrectionRow, EventColumns, EventRow, StoredDelta, StoreError
-from coordinator.schema import EVENTS_PER_INSERT, INT64_MAX, SCHEMA, Durability, insert_events
+from coordinator.schema import EVENTS_PER_INSERT, INT64_MAX, SCHEMA, Durability, insert_events, migrate
 from fedsync.conflicts import ConflictPolicy, highest_confidence
 from fedsync.manifest import fsync_path
 
@@ -46,9 +46,10 @@ R = TypeVar("R")
 # One statement, so one implicit transaction: register or refresh the device (model_version NULL:
 # keep the stored one) and read its marks and newest correction cursor (corrections_by_device).
 _TOUCH_DEVICE = (
-    "INSERT INTO devices (device_id, first_seen_ns, last_seen_ns, model_version) VALUES (?1, ?2, ?2, coalesce(?3, 0)) "
+    "INSERT INTO devices (device_id, first_seen_ns, last_seen_ns, model_version, offered_version) "
+    "VALUES (?1, ?2, ?2, coalesce(?3, 0), ?4) "
     "ON CONFLICT(device_id) DO UPDATE SET last_seen_ns = excluded.last_seen_ns, "
-    "model_version = coalesce(?3, model_version) "
+    "model_version = coalesce(?3, model_version), offered_version = ?4 "
     "RETURNING events_high_water, deltas_high_water, "
     "(SELECT coalesce(max(cursor), 0) FROM corrections WHERE device_id = ?1)"
 )
@@ -89,6 +90,7 @@ class CoordinatorStore:
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute(f"PRAGMA synchronous={durability.value}")
         self.conn.executescript(SCHEMA)
+        migrate(self.conn)
         self.deltas_dir = self.path.parent / "deltas"
         self.deltas_dir.mkdir(exist_ok=True)
         self._remove_orphan_payloads()
@@ -109,11 +111,12 @@ class CoordinatorStore:
     # -- devices --------------------------------------------------------------------------
 
     @_locked
-    def touch_device(self, device_id: str, model_version: int | None = None) -> DeviceMarks:
-        """Register or refresh a device (and the model version it runs); returns its marks."""
+    def touch_device(self, device_id: str, model_version: int | None = None, offered_version: int = 0) -> DeviceMarks:
+        """Register or refresh a device (the model version it runs, and one it was just offered and
+        may run from now on: 0 for none); returns its marks."""
         # fetchall: the statement, hence its transaction, ends only once every row was read.
         ((events, deltas, cursor),) = self.conn.execute(
-            _TOUCH_DEVICE, (device_id, time.time_ns(), model_version)
+            _TOUCH_DEVICE, (device_id, time.time_ns(), model_version, offered_version)
         ).fetchall()
         return DeviceMarks(int(events), int(deltas), int(cursor))
 
@@ -449,8 +452,11 @@ class CoordinatorStore:
 
     @_locked
     def versions_in_use(self) -> set[int]:
-        """Versions a device reports as installed or that a buffered delta is based on."""
-        installed = {row[0] for row in self.conn.execute("SELECT DISTINCT model_version FROM devices")}
+        """Versions a device reports as installed or was offered at its last Hello, or that a buffered
+        delta is based on."""
+        installed = {
+            v for row in self.conn.execute("SELECT DISTINCT model_version, offered_version FROM devices") for v in row
+        }
         bases = {
             row[0] for row in self.conn.execute("SELECT DISTINCT base_version FROM deltas WHERE status = 'buffered'")
         }

@@ -515,3 +515,25 @@ def test_input_hashes_of_the_wrong_length_are_invalid(store: CoordinatorStore, l
         add(store, DEVICE, [ev(1), ev(2, input_hash=b"\x01" * length)])
     assert info.value.kind == "invalid"
     assert store.high_waters(DEVICE) == (0, 0)
+
+
+def test_a_store_from_before_offered_versions_is_migrated_and_keeps_its_devices(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        "CREATE TABLE devices (device_id TEXT PRIMARY KEY, events_high_water INTEGER NOT NULL DEFAULT 0, "
+        "deltas_high_water INTEGER NOT NULL DEFAULT 0, model_version INTEGER NOT NULL DEFAULT 0, "
+        "first_seen_ns INTEGER NOT NULL, last_seen_ns INTEGER NOT NULL);"
+        "INSERT INTO devices VALUES ('old-device', 7, 2, 3, 1, 1);"
+    )
+    conn.commit()
+    conn.close()
+    store = CoordinatorStore(path, num_labels=10)
+    try:
+        assert store.high_waters("old-device") == (7, 2)
+        assert store.versions_in_use() == {3}
+        marks = store.touch_device("old-device", 3, offered_version=5)
+        assert (marks.events_high_water, marks.deltas_high_water) == (7, 2)
+        assert store.versions_in_use() == {3, 5}
+    finally:
+        store.close()

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from coordinator import Coordinator
 from coordinator.service import MAX_DELTA_BYTES
 from fedsync.codecs import get_codec
+from fedsync.manifest import Manifest
 from fedsync.v1 import sync_pb2 as pb
 from fedsync.v1.sync_pb2_grpc import SyncStub
 from fedsync.wire import DEVICE_METADATA_KEY, channel_options
@@ -1279,3 +1280,20 @@ def test_coordinator_stops_after_undecodable_event_streams(tmp_path: Path) -> No
             assert_handled(call_raw(channel, "PushEvents", [b"\xff"], f"undecodable-{i}"))
         assert_still_serving(SyncStub(channel))
     assert stop_within(coordinator, 6), "Coordinator.stop() did not return"
+
+
+def test_hello_offers_the_current_manifest_to_a_device_behind_and_keeps_that_version(
+    stub: SyncStub, coordinator: Coordinator
+) -> None:
+    device = new_device("offered")
+    current = coordinator.version
+    behind = hello(stub, device, model_version=0)
+    assert behind.current_model_version == current
+    assert Manifest.from_json(behind.current_manifest_json).version == current
+    with coordinator.store.lock:
+        (offered,) = coordinator.store.conn.execute(
+            "SELECT offered_version FROM devices WHERE device_id = ?", (device,)
+        ).fetchone()
+    assert offered == current and current in coordinator.store.versions_in_use()
+    up_to_date = hello(stub, device, model_version=current)
+    assert up_to_date.current_manifest_json == b"" and up_to_date.current_model_version == current

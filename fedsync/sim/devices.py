@@ -66,8 +66,10 @@ class DeviceGroup:
     def __init__(self, config: SimulationConfig, indices: Sequence[int]) -> None:
         from client import Durability, EdgeClient
         from client.artifact_cache import ArtifactCache
+        from fedsync.wire import ChannelPool
 
         self.config = config
+        self.channels = ChannelPool()
         shards = fleet_shards(config)
         model = config.connectivity()
         # The devices download each model version once per host; the rest link it (see client.artifact_cache).
@@ -118,15 +120,19 @@ class DeviceGroup:
 
     def sync(self, indices: Sequence[int], address: str) -> list[SyncOutcome]:
         """Sync these devices one after the other; a device whose attempt is drawn to drop loses its
-        link mid-way and resumes on its next sync."""
+        link mid-way and resumes on its next sync. The group's devices share their connections."""
+        from fedsync.wire import pooled_channels
+
         outcomes = []
-        for i in indices:
-            device = self.devices[int(i)]
-            cut_after = device.schedule.sync_cut_point(device.sync_attempts, MAX_CUT_MESSAGES)
-            device.sync_attempts += 1
-            outcomes.append(sync_device(device.client, device.index, address, cut_after))
+        with pooled_channels(self.channels):
+            for i in indices:
+                device = self.devices[int(i)]
+                cut_after = device.schedule.sync_cut_point(device.sync_attempts, MAX_CUT_MESSAGES)
+                device.sync_attempts += 1
+                outcomes.append(sync_device(device.client, device.index, address, cut_after))
         return outcomes
 
     def close(self) -> None:
         for device in self.devices.values():
             device.client.close()
+        self.channels.close()

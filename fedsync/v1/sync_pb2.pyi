@@ -16,20 +16,22 @@ class HelloRequest(_message.Message):
     def __init__(self, model_version: _Optional[int] = ..., client_version: _Optional[str] = ...) -> None: ...
 
 class HelloResponse(_message.Message):
-    __slots__ = ("events_high_water", "deltas_high_water", "current_model_version", "delta_resume_offset", "delta_resume_sha256", "corrections_cursor")
+    __slots__ = ("events_high_water", "deltas_high_water", "current_model_version", "delta_resume_offset", "delta_resume_sha256", "corrections_cursor", "current_manifest_json")
     EVENTS_HIGH_WATER_FIELD_NUMBER: _ClassVar[int]
     DELTAS_HIGH_WATER_FIELD_NUMBER: _ClassVar[int]
     CURRENT_MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     DELTA_RESUME_OFFSET_FIELD_NUMBER: _ClassVar[int]
     DELTA_RESUME_SHA256_FIELD_NUMBER: _ClassVar[int]
     CORRECTIONS_CURSOR_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
     events_high_water: int
     deltas_high_water: int
     current_model_version: int
     delta_resume_offset: int
     delta_resume_sha256: bytes
     corrections_cursor: int
-    def __init__(self, events_high_water: _Optional[int] = ..., deltas_high_water: _Optional[int] = ..., current_model_version: _Optional[int] = ..., delta_resume_offset: _Optional[int] = ..., delta_resume_sha256: _Optional[bytes] = ..., corrections_cursor: _Optional[int] = ...) -> None: ...
+    current_manifest_json: bytes
+    def __init__(self, events_high_water: _Optional[int] = ..., deltas_high_water: _Optional[int] = ..., current_model_version: _Optional[int] = ..., delta_resume_offset: _Optional[int] = ..., delta_resume_sha256: _Optional[bytes] = ..., corrections_cursor: _Optional[int] = ..., current_manifest_json: _Optional[bytes] = ...) -> None: ...
 
 class EventBatch(_message.Message):
     __slots__ = ("seq", "input_hashes", "labels", "confidences", "model_versions", "latencies_us", "times_unix_ns")
