@@ -27,8 +27,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 SCHEMES = ("iid", "dirichlet", "label-skew")
 DEFAULT_MIN_SAMPLES = 2
@@ -58,6 +56,8 @@ class Shard:
 
 @functools.cache
 def _digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits  # ~0.7 s: only where the data is loaded, not in device hosts
+
     bunch = load_digits()
     x = (bunch.data / _DIGITS_MAX_PIXEL).astype(np.float32)
     y = bunch.target.astype(np.int64)
@@ -71,6 +71,8 @@ def load_digits_split(test_fraction: float = 0.25, seed: int = 0) -> tuple[Datas
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
     _require_int("seed", seed, minimum=0)
+    from sklearn.model_selection import train_test_split
+
     x, y = _digits()
     x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=test_fraction, random_state=seed, stratify=y)
     return Dataset(x_train, y_train), Dataset(x_test, y_test)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -63,14 +63,18 @@ class _Device:
 class DeviceGroup:
     """Devices `indices` of the fleet, hosted in this process."""
 
-    def __init__(self, config: SimulationConfig, indices: Sequence[int]) -> None:
+    def __init__(
+        self, config: SimulationConfig, indices: Sequence[int], shards: Mapping[int, Shard] | None = None
+    ) -> None:
+        """`shards`: the devices' data when the host already has it (fleet_shards(config) otherwise)."""
         from client import Durability, EdgeClient
         from client.artifact_cache import ArtifactCache
         from fedsync.wire import ChannelPool
 
         self.config = config
         self.channels = ChannelPool()
-        shards = fleet_shards(config)
+        if shards is None:
+            shards = dict(enumerate(fleet_shards(config)))
         model = config.connectivity()
         # The devices download each model version once per host; the rest link it (see client.artifact_cache).
         shared = ArtifactCache(Path(config.data_dir) / "devices" / ".shared-artifacts")

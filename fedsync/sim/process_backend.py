@@ -21,6 +21,7 @@ __main__, so it works the same under the CLI, a script or pytest.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -34,6 +35,8 @@ from typing import Any
 import numpy as np
 
 from fedsync.sim.config import SimulationConfig
+from fedsync.sim.data import Shard
+from fedsync.sim.devices import fleet_shards
 from fedsync.sim.dropout import SyncOutcome
 
 BATCHES_PER_BUFFER = 8
@@ -49,7 +52,7 @@ def default_workers() -> int:
 
 
 class _Worker:
-    def __init__(self, config: SimulationConfig, indices: list[int]) -> None:
+    def __init__(self, config: SimulationConfig, indices: list[int], shards: dict[int, Shard]) -> None:
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
         self.process = subprocess.Popen(
@@ -61,7 +64,7 @@ class _Worker:
         os.close(from_child_w)
         self.requests = Connection(to_child_w, readable=False)
         self.replies = Connection(from_child_r, writable=False)
-        self.send("start", config, indices)
+        self.send("start", config, indices, shards)
 
     def send(self, method: str, *args: Any) -> None:
         self.requests.send((method, args))
@@ -99,26 +102,36 @@ class ProcessFleet:
         config = _with_absolute_data_dir(config)
         self._workers: list[_Worker] = []
         self.peak_rss_mb: list[float] = []  # each worker's, filled in by close()
+        self._started = False
+        shards = fleet_shards(config)  # loaded here once: the workers need not import scikit-learn
         try:
-            self._workers = [_Worker(config, s) for s in slices]
-            for w in self._workers:  # they build their devices in parallel
-                w.receive(START_TIMEOUT_S)
+            self._workers = [_Worker(config, s, {i: shards[i] for i in s}) for s in slices]
         except BaseException:
             self.close()
             raise
         self._owner = {i: w for w, s in enumerate(slices) for i in s}
+
+    def _ready(self) -> None:
+        """The workers build their devices in parallel, and beside the driver's own start-up (the
+        coordinator's): wait for them only when they are first needed."""
+        if not self._started:
+            for w in self._workers:
+                w.receive(START_TIMEOUT_S)
+            self._started = True
 
     @property
     def hosts(self) -> int:
         return len(self._workers)
 
     def work(self, round_index: int, cohort: Collection[int] | None = None, cohort_version: int = 0) -> int:
+        self._ready()
         members = None if cohort is None else frozenset(int(i) for i in cohort)
         for w in self._workers:
             w.send("work", round_index, members, cohort_version)
         return sum(w.receive() for w in self._workers)
 
     def sync(self, order: list[int], address: str, per_batch: int) -> Iterator[list[SyncOutcome]]:
+        self._ready()
         # Small batches, so that the driver aggregates soon after the buffer fills and the devices
         # that sync next download the new version (the local backend aggregates after each device).
         size = max(1, per_batch // (BATCHES_PER_BUFFER * len(self._workers)))
@@ -149,6 +162,9 @@ class ProcessFleet:
                 if w.process.poll() is None:
                     w.send("close")
             for w in workers:
+                if not self._started:  # its start-up reply comes first
+                    with contextlib.suppress(WorkerError):
+                        w.receive(START_TIMEOUT_S)
                 if w.process.poll() is None:
                     self.peak_rss_mb.append(w.receive(120.0))
         finally:

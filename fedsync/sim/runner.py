@@ -308,19 +308,24 @@ def run_simulation(
     shutil.rmtree(root / "coordinator", ignore_errors=True)
     _, test = load_digits_split(seed=config.seed)
     schedules = fleet_schedules(config.connectivity(), config.devices, config.seed)
-    coordinator = Coordinator(
-        root / "coordinator",
-        strategy=_strategy(config),
-        evaluation=EvaluationData(test.x, test.y),
-        auto_aggregate=False,
-        # A simulation need not survive a power cut: commits without fsyncs (kill -9 still safe).
-        durability=Durability.PROCESS,
-        # Publish only what the virtual fleet installs (float32 inference plus its training artifact).
-        publish_int8=False,
-        publish_trainable_head=config.local_training == "head",
-        publish_trainable=config.local_training == "litert",
-    )
-    coordinator.start(config.address)
+    fleet = open_fleet(config)  # first: worker processes start up while the coordinator does
+    try:
+        coordinator = Coordinator(
+            root / "coordinator",
+            strategy=_strategy(config),
+            evaluation=EvaluationData(test.x, test.y),
+            auto_aggregate=False,
+            # A simulation need not survive a power cut: commits without fsyncs (kill -9 still safe).
+            durability=Durability.PROCESS,
+            # Publish only what the virtual fleet installs (float32 inference plus its training artifact).
+            publish_int8=False,
+            publish_trainable_head=config.local_training == "head",
+            publish_trainable=config.local_training == "litert",
+        )
+        coordinator.start(config.address)
+    except BaseException:
+        fleet.close()
+        raise
     report = SimulationReport(config={k: str(v) for k, v in asdict(config).items()}, backend=config.backend)
     rng = np.random.default_rng(config.seed)  # the sync order; devices draw from their own streams
     truth = ground_truth(fleet_shards(config))
@@ -338,10 +343,8 @@ def run_simulation(
                 }
             )
 
-    record_version()
-    fleet: Fleet | None = None
     try:
-        fleet = open_fleet(config)
+        record_version()
         report.device_hosts = fleet.hosts
         for round_index in range(config.rounds):
             round_start = time.perf_counter()
@@ -394,9 +397,8 @@ def run_simulation(
         if fedavg is not None:
             _fedavg_figures(fedavg, report)
     finally:
-        if fleet is not None:
-            fleet.close()
-            report.device_host_peak_rss_mb = list(getattr(fleet, "peak_rss_mb", []))
+        fleet.close()
+        report.device_host_peak_rss_mb = list(getattr(fleet, "peak_rss_mb", []))
         coordinator.stop()
     report.wall_s = time.perf_counter() - started
     return report
