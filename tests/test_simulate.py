@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fedsync.cli import main
-from fedsync.sim.runner import SimulationConfig, run_simulation
+from fedsync.sim.runner import ROUND_SECONDS, SimulationConfig, run_simulation
 
 
 def test_small_fleet_learns_and_reports(tmp_path: Path) -> None:
@@ -25,6 +25,12 @@ def test_small_fleet_learns_and_reports(tmp_path: Path) -> None:
     assert [p["version"] for p in report.accuracy_over_time] == sorted(
         {p["version"] for p in report.accuracy_over_time}
     )
+    # The simulated clock: version 1 before round 1, then the end of the round that published each.
+    rounds = [p["round"] for p in report.accuracy_over_time]
+    assert rounds[0] == 0 and rounds == sorted(rounds) and rounds[-1] <= 4
+    assert all(p["sim_s"] == p["round"] * ROUND_SECONDS for p in report.accuracy_over_time)
+    published_in = {r.round for r in report.rounds if r.version > 1}
+    assert set(rounds[1:]) <= published_in
     assert sum(report.staleness_histogram.values()) == sum(v["deltas"] for v in report.versions)
     assert report.bytes_up > 0 and report.bytes_down > 0
     assert ticks and ticks[-1].round == 4

@@ -68,9 +68,10 @@ def test_helpers() -> None:
 
 
 def test_intermittency_ratios_flag_a_side_that_never_reached_the_target() -> None:
-    sync = {"time_to_target_s": None, "train_wall_s": 40.0, "rounds_to_target": None, "rounds": 20}
-    asynchronous = {"time_to_target_s": 10.0, "train_wall_s": 15.0, "rounds_to_target": 5, "rounds": 7}
+    sync = {"time_to_target_s": None, "train_wall_s": 40.0, "sim_time_to_target_s": None, "sim_s": 1200.0}
+    asynchronous = {"time_to_target_s": 10.0, "train_wall_s": 15.0, "sim_time_to_target_s": 300.0, "sim_s": 420.0}
     r = vs_flower.intermittency_ratios(sync, asynchronous)
-    assert r["time_ratio"] == 4.0 and r["rounds_ratio"] == 4.0  # bounds: sync's whole run stands in
+    assert r["time_ratio"] == 4.0 and r["wall_ratio"] == 4.0  # bounds: sync's whole run stands in
     assert not r["sync_reached"] and r["async_reached"]
-    assert (r["sync_time_s"], r["async_time_s"]) == (40.0, 10.0)
+    assert (r["sync_time_s"], r["async_time_s"]) == (1200.0, 300.0)
+    assert (r["sync_wall_s"], r["async_wall_s"]) == (40.0, 10.0)

@@ -92,7 +92,8 @@ class SimulationReport:
     final_version: int = 0
     final_accuracy: float = 0.0
     wall_s: float = 0.0
-    accuracy_over_time: list[dict[str, float]] = field(default_factory=list)  # wall_s, version, accuracy
+    # wall_s, sim_s (the simulated clock, ROUND_SECONDS a round), round, version, accuracy
+    accuracy_over_time: list[dict[str, float]] = field(default_factory=list)
     staleness_histogram: dict[str, int] = field(default_factory=dict)
     # sync: every FedAvg round (start/end round, version trained, cohort size, members delivered in
     # time, version published or None); versions also carry their round's cohort and delivered.
@@ -332,19 +333,23 @@ def run_simulation(
     per_batch = config.devices if config.aggregation == "sync" else _async_buffer(config)
     fedavg = FedAvgRounds(config, coordinator) if config.aggregation == "sync" else None
 
-    def record_version() -> None:
+    def record_version(round_number: int) -> None:
+        """A newly published version, in the round (1-based; 0: before the first) that published it."""
         manifest = coordinator.aggregator.current_manifest()
         if not report.accuracy_over_time or report.accuracy_over_time[-1]["version"] != manifest.version:
             report.accuracy_over_time.append(
                 {
                     "wall_s": time.perf_counter() - started,
+                    # The fleet's clock: the end of the round that published the version.
+                    "sim_s": round_number * ROUND_SECONDS,
+                    "round": round_number,
                     "version": manifest.version,
                     "accuracy": manifest.metrics.get("accuracy", 0.0),
                 }
             )
 
     try:
-        record_version()
+        record_version(0)
         report.device_hosts = fleet.hosts
         for round_index in range(config.rounds):
             round_start = time.perf_counter()
@@ -364,9 +369,9 @@ def run_simulation(
                     _add_outcome(report, figures, outcome)
                 done += len(outcomes)
                 if config.aggregation == "async" and coordinator.aggregate_now(force=False) is not None:
-                    record_version()
+                    record_version(round_index + 1)
                 if fedavg is not None and fedavg.complete() and fedavg.close(round_index):
-                    record_version()
+                    record_version(round_index + 1)
                 if on_progress is not None:
                     latest = report.accuracy_over_time[-1]
                     on_progress(
@@ -380,7 +385,7 @@ def run_simulation(
                         )
                     )
             if fedavg is not None and fedavg.timed_out(round_index) and fedavg.close(round_index):
-                record_version()
+                record_version(round_index + 1)
             manifest = coordinator.aggregator.current_manifest()
             figures.version = manifest.version
             figures.accuracy = manifest.metrics.get("accuracy", 0.0)
