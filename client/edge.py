@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from client.artifact_cache import ArtifactCache
-from client.journal import Durability, Journal
+from client.journal import Durability, Journal, create_tables
 from client.litert_runtime import LiteRTClassifier, check_input, check_sample
 from client.model_store import ModelStore
 from client.predictions import PREDICTION_TABLES, PredictionCache, create_prediction_tables
@@ -169,9 +169,7 @@ class EdgeClient:
         self.inference_kind = INFERENCE_BACKENDS[inference]
         self.fine_tuning = fine_tuning
         self.journal = Journal(self.home / "journal.db", durability)
-        if not self.journal.table_names() >= PREDICTION_TABLES:
-            with self.journal.transaction():
-                create_prediction_tables(self.journal.db)
+        create_tables(self.journal, "predictions", PREDICTION_TABLES, lambda: create_prediction_tables(self.journal.db))
         self.cache = PredictionCache(self.journal.conn, write_behind=True)
         # A PROCESS-durability device need not fsync its model files either (see client.model_store).
         self.models = ModelStore(

@@ -368,3 +368,42 @@ def test_committed_events_survive_kill_9(tmp_path: Path, trial: int) -> None:
         assert j.append_events([_row(0)]) == [last + 1]
     finally:
         j.close()
+
+
+def _schema(path: Path) -> list[tuple[str, str]]:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute("SELECT name, sql FROM sqlite_master WHERE sql IS NOT NULL ORDER BY name").fetchall()
+    finally:
+        conn.close()
+
+
+def test_new_journals_replay_the_schema_sqlite_utils_built_and_old_ones_gain_missing_tables(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import client.journal as journal_module
+    from client import EdgeClient
+
+    monkeypatch.setattr(journal_module, "_SCHEMA_SCRIPTS", {})
+    first = EdgeClient(tmp_path / "first", "first", fine_tuning=None)  # built by sqlite-utils, recorded
+    first.close()
+    assert set(journal_module._SCHEMA_SCRIPTS) == {"journal", "predictions"}
+    built = 0
+
+    def counting(self: Journal) -> None:
+        nonlocal built
+        built += 1
+
+    monkeypatch.setattr(Journal, "_build_schema", counting)
+    second = EdgeClient(tmp_path / "second", "second", fine_tuning=None)  # replayed
+    second.close()
+    assert built == 0
+    assert _schema(tmp_path / "second" / "journal.db") == _schema(tmp_path / "first" / "journal.db")
+
+    # A journal from before a table existed gets just that table, from sqlite-utils.
+    monkeypatch.undo()
+    conn = sqlite3.connect(tmp_path / "second" / "journal.db")
+    conn.execute("DROP TABLE codec_residuals")
+    conn.close()
+    Journal(tmp_path / "second" / "journal.db").close()
+    assert _schema(tmp_path / "second" / "journal.db") == _schema(tmp_path / "first" / "journal.db")

@@ -69,6 +69,7 @@ def test_compare_with_an_unknown_item_fails_before_any_work(tmp_path: Path, caps
         (["--speed-min", "0"], "--speed-min and --speed-max must be finite and > 0"),
         (["--speed-min", "2", "--speed-max", "1"], "--speed-min 2.0 is above --speed-max 1.0"),
         (["--backend", "dask"], "--backend must be one of local, processes, ray, got 'dask'"),
+        (["--backend", "processes", "--workers", "-1"], "--workers must be >= 0 (0: one per CPU), got -1"),
         (["--cohort-fraction", "0"], "--cohort-fraction must be in (0, 1], got 0.0"),
         (["--cohort-fraction", "1.5"], "--cohort-fraction must be in (0, 1], got 1.5"),
         (["--round-timeout", "0"], "--round-timeout must be at least 1, got 0"),
@@ -91,3 +92,26 @@ def test_ray_backend_without_ray_says_how_to_install_it(
     err = capsys.readouterr().err
     assert err == "fedsync: error: --backend ray needs Ray: pip install 'fedsync[ray]'\n"
     assert not (tmp_path / "sim").exists()
+
+
+def test_a_listen_port_in_use_fails_in_one_line_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["simulate", "--listen", f"127.0.0.1:{port}", "--data-dir", str(tmp_path / "sim")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"fedsync: error: --listen 127.0.0.1:{port}: Address already in use") and err.count("\n") == 1
+    assert not (tmp_path / "sim").exists()
+
+
+def test_devices_dial_loopback_an_advertised_host_or_the_cluster_node() -> None:
+    from fedsync.sim.config import device_address
+
+    assert device_address(SimulationConfig(), 5000) == "127.0.0.1:5000"
+    assert device_address(SimulationConfig(advertise_host="10.0.0.7"), 5000) == "10.0.0.7:5000"
+    cluster = SimulationConfig(address="0.0.0.0:0", backend="ray")
+    assert device_address(cluster, 5000, node_ip=lambda: "10.0.0.9") == "10.0.0.9:5000"
+    assert device_address(SimulationConfig(address="0.0.0.0:0"), 5000) == "127.0.0.1:5000"  # one machine

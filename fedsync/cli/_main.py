@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--plot", default=None, help="write a PNG of accuracy over time and versions here")
     sim.add_argument("--lr", type=float, default=None, help="local learning rate (default 0.1 keras, 0.5 head)")
     sim.add_argument(
-        "--dropout-prob", type=float, default=0.0, help="probability that a sync's link drops after 0-15 messages (the "
+        "--dropout-prob", type=float, default=0.0, help="probability that a sync's link drops after 0-7 messages (the "
         "device resumes on its next online period)",
     )  # fmt: skip
     sim.add_argument("--speed-min", type=float, default=1.0, help="slowest device speed (scales predictions, epochs)")
@@ -107,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     sim.add_argument("--workers", type=int, default=0, help="processes backend: worker processes (0: one per CPU)")
     sim.add_argument("--ray-address", default=None, help="ray backend: an existing Ray cluster (default: start one)")
+    sim.add_argument(
+        "--listen", default="127.0.0.1:0", help="the coordinator's host:port (default: loopback, any free port); "
+        "0.0.0.0:PORT lets devices on other machines of a Ray cluster reach it",
+    )  # fmt: skip
+    sim.add_argument(
+        "--advertise-host", default=None, help="the host the devices dial (default: 127.0.0.1 when listening on "
+        "loopback, else this node's IP address as Ray sees it)",
+    )  # fmt: skip
     sim.set_defaults(run=_simulate)
 
     client = commands.add_parser("client", help="operate an edge client's folder").add_subparsers(

@@ -36,6 +36,8 @@ def _simulate(args: argparse.Namespace) -> int:
         backend=args.backend,
         workers=args.workers,
         ray_address=args.ray_address,
+        address=args.listen,
+        advertise_host=args.advertise_host,
     )
     try:
         config.validate()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +42,8 @@ class SimulationConfig:
     learning_rate: float = 0.1
     predictions_per_round: int = 8
     local_training: str = "keras"  # keras (TensorFlow), litert (whole model, no TF) or head (LiteRT head only)
-    address: str = "127.0.0.1:0"
+    address: str = "127.0.0.1:0"  # where the coordinator listens
+    advertise_host: str | None = None  # the host devices dial (see device_address)
     dropout_prob: float = 0.0  # probability that a sync attempt loses its link mid-way
     # A device's speed factor (drawn uniformly in [speed_min, speed_max]) scales its predictions and
     # local epochs per round; 1.0 and 1.0 give every device the nominal workload.
@@ -87,6 +90,11 @@ class SimulationConfig:
             raise SimulationConfigError(f"--predictions-per-round must be >= 0, got {self.predictions_per_round}")
         if self.backend not in BACKENDS:
             raise SimulationConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        host, _, port = self.address.rpartition(":")
+        if not host or not port.isdigit() or int(port) > 65535:
+            raise SimulationConfigError(f"--listen must be host:port, got {self.address!r}")
+        if int(port):
+            _check_free(host, int(port))
         if self.workers < 0:
             raise SimulationConfigError(f"--workers must be >= 0 (0: one per CPU), got {self.workers}")
         if self.backend == "ray":
@@ -115,3 +123,38 @@ def scaled_workload(nominal: int, speed: float) -> int:
     """A device's share of a nominal per-round workload: proportional to its speed, at least 1
     unless the nominal workload is 0."""
     return max(1, round(nominal * speed)) if nominal > 0 else 0
+
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "[::1]"})
+
+
+def device_address(config: SimulationConfig, port: int, node_ip: Callable[[], str] | None = None) -> str:
+    """The address the devices dial: `advertise_host`, else loopback when the coordinator listens
+    there, else this machine's address as the cluster sees it (`node_ip`, Ray's by default), so
+    that Ray actors on other nodes reach a coordinator listening on 0.0.0.0."""
+    host = config.address.rpartition(":")[0]
+    if config.advertise_host:
+        return f"{config.advertise_host}:{port}"
+    if host in LOOPBACK_HOSTS:
+        return f"127.0.0.1:{port}"
+    if node_ip is None:
+        if config.backend != "ray":
+            return f"127.0.0.1:{port}"  # every device is on this machine
+        import ray
+
+        node_ip = ray.util.get_node_ip_address
+    return f"{node_ip()}:{port}"
+
+
+def _check_free(host: str, port: int) -> None:
+    """A plain bind (gRPC's own sets SO_REUSEPORT, which would not notice every listener)."""
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise SimulationConfigError(f"--listen {host}:{port}: {exc.strerror or exc}") from None
+    family, kind, proto, _, sockaddr = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        try:
+            probe.bind(sockaddr)
+        except OSError as exc:
+            raise SimulationConfigError(f"--listen {host}:{port}: {exc.strerror or exc}") from None

@@ -18,8 +18,9 @@ version (and how stale they are) from run to run. Synchronous aggregation is the
 a FedAvg round's deltas are aggregated together whatever their arrival order, though devices that
 sync after a round completes mid-round download the new version sooner.
 
-The coordinator listens on loopback, so the actors must run on the driver's machine (a local Ray,
-or a cluster's head node).
+The coordinator listens on loopback by default, so the actors run on the driver's machine; with
+`--listen 0.0.0.0:PORT` (SimulationConfig.address) actors on the cluster's other nodes dial this
+node's IP address as Ray sees it, or `--advertise-host` (see fedsync.sim.config.device_address).
 """
 
 from __future__ import annotations

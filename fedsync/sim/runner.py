@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from fedsync.sim.config import ROUND_SECONDS, SimulationConfig, SimulationConfigError
+from fedsync.sim.config import ROUND_SECONDS, SimulationConfig, SimulationConfigError, device_address
 from fedsync.sim.connectivity import fleet_schedules
 from fedsync.sim.data import load_digits_split
 
@@ -348,6 +348,7 @@ def run_simulation(
                 }
             )
 
+    address = device_address(config, coordinator.port)
     try:
         record_version(0)
         report.device_hosts = fleet.hosts
@@ -364,7 +365,7 @@ def run_simulation(
                 report.events_journaled += fleet.work(round_index)
             order = [int(i) for i in rng.permutation(online)]
             done = 0
-            for outcomes in fleet.sync(order, coordinator.address, per_batch):
+            for outcomes in fleet.sync(order, address, per_batch):
                 for outcome in outcomes:
                     _add_outcome(report, figures, outcome)
                 done += len(outcomes)
