@@ -43,6 +43,9 @@ class EvaluationData:
     y: np.ndarray
 
 
+WEIGHTS_FILE = "weights.npz"  # the coordinator's copy of a version's weights: not an artifact
+
+
 class ModelPublisher:
     def __init__(
         self,
@@ -54,12 +57,15 @@ class ModelPublisher:
         trainable: bool = True,
         reuse_conversions: bool = True,
         durable: bool = True,
+        keras: bool = True,
     ) -> None:
         """reuse_conversions: convert once per architecture and write each version's weights into
         that template (see fedsync.tflite_templates) instead of running the converter per version;
         the templates persist across processes under $FEDSYNC_CACHE_DIR (empty: not at all).
         durable=False skips the fsyncs (a version still appears atomically, by rename): for a
-        coordinator whose writes need survive only a crash of its process, not a power cut."""
+        coordinator whose writes need survive only a crash of its process, not a power cut.
+        keras=False leaves out the Keras artifact (saving it is most of a publish) for fleets that
+        never fetch it; the coordinator's own copy of the weights (weights.npz) is always written."""
         from fedsync.model import build_model
 
         self.models_dir = Path(models_dir)
@@ -70,6 +76,7 @@ class ModelPublisher:
         self.trainable = trainable
         self.reuse_conversions = reuse_conversions
         self.durable = durable
+        self.keras = keras
         # The int8 export depends on its calibration data as well as on the weights.
         self._calibration_id = hashlib.sha256(np.ascontiguousarray(evaluation.x, dtype=np.float32)).hexdigest()
         self.model = build_model(hidden_units)
@@ -100,7 +107,9 @@ class ModelPublisher:
         staging = self.models_dir / f".staging-v{version}"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
-        self.model.save(staging / "model.keras")
+        np.savez(staging / WEIGHTS_FILE, **weights)
+        if self.keras:
+            self.model.save(staging / "model.keras")
         with native_output_silenced():
             float32 = self._export(TFLITE_FLOAT32, tflite_export.to_tflite_float32)
             int8 = (
@@ -118,10 +127,9 @@ class ModelPublisher:
             )
             whole = self._export(TFLITE_TRAINABLE, tflite_export.to_trainable_tflite) if self.trainable else None
         (staging / "model.tflite").write_bytes(float32)
-        artifacts = [
-            describe_artifact(staging / "model.tflite", TFLITE_FLOAT32),
-            describe_artifact(staging / "model.keras", KERAS),
-        ]
+        artifacts = [describe_artifact(staging / "model.tflite", TFLITE_FLOAT32)]
+        if self.keras:
+            artifacts.append(describe_artifact(staging / "model.keras", KERAS))
         if int8 is not None:
             (staging / "model-int8.tflite").write_bytes(int8)
             artifacts.append(describe_artifact(staging / "model-int8.tflite", TFLITE_INT8))
@@ -163,7 +171,11 @@ class ModelPublisher:
         return shared_exporter().export(name, self.model, export)
 
     def load_weights(self, version: int) -> Weights:
-        import keras
+        path = self.version_dir(version) / WEIGHTS_FILE
+        if path.exists():
+            with np.load(path) as stored:
+                return {name: stored[name] for name in stored.files}
+        import keras  # a version published before weights.npz
 
         from fedsync.model import get_weights
 

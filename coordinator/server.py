@@ -74,6 +74,7 @@ class Coordinator:
         publish_int8: bool = True,
         publish_trainable_head: bool = True,
         publish_trainable: bool | None = None,
+        publish_keras: bool = True,
         auto_aggregate: bool = True,
         max_workers: int = 16,
         metrics: bool = False,
@@ -99,6 +100,7 @@ class Coordinator:
             # The whole-model trainable .tflite follows the head one unless asked for explicitly.
             trainable=publish_trainable_head if publish_trainable is None else publish_trainable,
             durable=durability is Durability.POWER,
+            keras=publish_keras,
         )
         self.metrics: PrometheusMetrics | None = None
         if metrics:

@@ -163,3 +163,45 @@ def test_prometheus_endpoint_counts_what_happened(tmp_path: Path) -> None:
         a.close()
         b.close()
         coordinator.stop()
+
+
+def test_a_coordinator_without_the_keras_artifact_restarts_from_its_own_weights(tmp_path: Path) -> None:
+    data = tmp_path / "coordinator"
+    coordinator = make_coordinator(
+        data, publish_keras=False, publish_trainable=True, strategy=Strategy.fedbuff(buffer_size=1)
+    )
+    client = EdgeClient(tmp_path / "device", "device", fine_tuning="litert")
+    try:
+        client.sync(coordinator.address)
+        client.fine_tune(TRAIN.x[:100], TRAIN.y[:100], epochs=2, learning_rate=0.5)
+        client.sync(coordinator.address)
+        assert coordinator.aggregate_now() is not None and coordinator.version == 2
+        kinds = {a.kind for a in coordinator.aggregator.current_manifest().artifacts}
+        assert "keras" not in kinds and "tflite-float32" in kinds
+        assert not (data / "models" / "v2" / "model.keras").exists()
+        weights = {k: v.copy() for k, v in coordinator.aggregator.weights.items()}
+    finally:
+        client.close()
+        coordinator.stop()
+    restarted = make_coordinator(data, publish_keras=False, publish_trainable=True)
+    try:
+        assert restarted.version == 2
+        assert set(restarted.aggregator.weights) == set(weights)
+        for name, value in weights.items():
+            np.testing.assert_array_equal(restarted.aggregator.weights[name], value)
+    finally:
+        restarted.stop()
+
+
+def test_a_version_published_before_weights_npz_loads_from_its_keras_model(tmp_path: Path) -> None:
+    data = tmp_path / "coordinator"
+    coordinator = make_coordinator(data)
+    weights = {k: v.copy() for k, v in coordinator.aggregator.weights.items()}
+    coordinator.stop()
+    (data / "models" / "v1" / "weights.npz").unlink()
+    restarted = make_coordinator(data)
+    try:
+        for name, value in weights.items():
+            np.testing.assert_array_equal(restarted.aggregator.weights[name], value)
+    finally:
+        restarted.stop()

@@ -40,6 +40,7 @@ from fedsync.sim.devices import fleet_shards
 from fedsync.sim.dropout import SyncOutcome
 
 BATCHES_PER_BUFFER = 8
+BATCHES_IN_FLIGHT = 2
 START_TIMEOUT_S = 300.0  # a worker builds its devices (journals, model stores) before it answers
 
 
@@ -139,20 +140,25 @@ class ProcessFleet:
         for i in order:
             queues[self._owner[i]].append(i)
         batches = [deque(q[k : k + size] for k in range(0, len(q), size)) for q in queues]
-        running: dict[Connection, int] = {}
+        in_flight = [0] * len(self._workers)
+        owner = {w.replies: i for i, w in enumerate(self._workers)}
 
         def submit(w: int) -> None:
             if batches[w]:
                 self._workers[w].send("sync", batches[w].popleft(), address)
-                running[self._workers[w].replies] = w
+                in_flight[w] += 1
 
+        # BATCHES_IN_FLIGHT per worker: it starts its next batch while the driver reads the last
+        # one's outcome and aggregates (publishing a version takes tens of milliseconds).
         for w in range(len(self._workers)):
-            submit(w)
-        while running:
-            ready = wait(list(running))[0]
-            w = running.pop(ready)  # type: ignore[arg-type]
+            for _ in range(BATCHES_IN_FLIGHT):
+                submit(w)
+        while any(in_flight):
+            ready = wait([self._workers[w].replies for w in range(len(self._workers)) if in_flight[w]])[0]
+            w = owner[ready]  # type: ignore[index]
             outcomes = self._workers[w].receive()
-            submit(w)  # the worker goes on while the driver aggregates
+            in_flight[w] -= 1
+            submit(w)
             yield outcomes
 
     def close(self) -> None:

@@ -322,6 +322,7 @@ def run_simulation(
             publish_int8=False,
             publish_trainable_head=config.local_training == "head",
             publish_trainable=config.local_training == "litert",
+            publish_keras=config.local_training == "keras",
         )
         coordinator.start(config.address)
     except BaseException:
