@@ -22,7 +22,7 @@ def plot_accuracy(reports: Mapping[str, SimulationReport], path: Path, title: st
     for name, report in reports.items():
         points = report.accuracy_over_time
         by_sim_time.step(
-            [p["sim_s"] / 3600 for p in points],
+            [p["sim_s"] / 60 for p in points],
             [p["accuracy"] for p in points],
             where="post",
             label=name,
@@ -36,7 +36,7 @@ def plot_accuracy(reports: Mapping[str, SimulationReport], path: Path, title: st
 
     by_version.xaxis.set_major_locator(MaxNLocator(integer=True))
     panels = (
-        (by_sim_time, "simulated time (h): the fleet's clock"),
+        (by_sim_time, "simulated time (min): the fleet's clock"),
         (by_time, "wall time of the simulation (s)"),
         (by_version, "global model version"),
     )
