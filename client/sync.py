@@ -293,17 +293,16 @@ class _Session:
                 finally:
                     reader.close()
 
-            requests = chunks()
-            if payload_size - offset <= DELTA_CHUNK_BYTES:
-                # One chunk (most deltas): read here, on the session's connection, not by a reader
-                # connection of its own in gRPC's request thread.
-                small = [pb.DeltaChunk(header=header)]
-                for chunk in journal.read_payload(delta.seq, offset, DELTA_CHUNK_BYTES):
-                    self.report.bytes_up += len(chunk)
-                    small.append(pb.DeltaChunk(data=chunk))
-                requests = iter(small)
             try:
-                ack = self.stub.PushDelta(requests, metadata=self.metadata, timeout=self.timeout_s)
+                if offset == 0 and payload_size <= DELTA_CHUNK_BYTES:
+                    # Most deltas: one unary call with the payload read here, on the session's
+                    # connection (a stream costs a request thread and a reader connection).
+                    payload = b"".join(journal.read_payload(delta.seq, 0, DELTA_CHUNK_BYTES))
+                    self.report.bytes_up += len(payload)
+                    whole = pb.WholeDelta(header=header, payload=payload)
+                    ack = self.stub.PushWholeDelta(whole, metadata=self.metadata, timeout=self.timeout_s)
+                else:
+                    ack = self.stub.PushDelta(chunks(), metadata=self.metadata, timeout=self.timeout_s)
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
                     raise

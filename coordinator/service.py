@@ -156,25 +156,9 @@ class SyncService(SyncServicer):
         if first is None or first.WhichOneof("part") != "header":
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first DeltaChunk must carry the header")
         header = first.header
-        if header.payload_size > MAX_DELTA_BYTES:
-            context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"delta of {header.payload_size} bytes exceeds the limit of {MAX_DELTA_BYTES}",
-            )
-        for field in ("seq", "base_version", "num_examples"):
-            if getattr(header, field) > INT64_MAX:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field} {getattr(header, field)} is out of range")
-        if not math.isfinite(header.train_loss):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"train_loss must be finite, got {header.train_loss}")
-        _, deltas_hw = self.store.high_waters(device)
-        if header.seq <= deltas_hw:
-            return self._replayed_delta(device, header, deltas_hw, context)
-        if header.seq != deltas_hw + 1:
-            context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION, f"sequence gap: expected delta {deltas_hw + 1}, got {header.seq}"
-            )
-        if len(header.payload_sha256) != 32:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "payload_sha256 must be 32 bytes")
+        replayed = self._admit_header(device, header, context)
+        if replayed is not None:
+            return replayed
         pieces = _payload_pieces(request_iterator, context)
         if header.offset == 0:
             whole, pieces = _whole_payload(pieces, header.payload_size)
@@ -209,6 +193,44 @@ class SyncService(SyncServicer):
             return self._store_delta(device, header, payload, context, self.uploads.part_file(device))
         finally:
             self.uploads.discard(device)
+
+    def PushWholeDelta(self, request: pb.WholeDelta, context: grpc.ServicerContext) -> pb.DeltaAck:
+        device = device_of(context)
+        header = request.header
+        replayed = self._admit_header(device, header, context)
+        if replayed is not None:
+            return replayed
+        if header.offset != 0:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a whole delta starts at offset 0, not {header.offset}")
+        if len(request.payload) != header.payload_size:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"payload of {len(request.payload)} bytes, but the header says {header.payload_size}",
+            )
+        return self._push_whole_delta(device, header, request.payload, context)
+
+    def _admit_header(self, device: str, header: pb.DeltaHeader, context: grpc.ServicerContext) -> pb.DeltaAck | None:
+        """The checks both upload calls make on a header; the answer to a replay of a stored delta."""
+        if header.payload_size > MAX_DELTA_BYTES:
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"delta of {header.payload_size} bytes exceeds the limit of {MAX_DELTA_BYTES}",
+            )
+        for field in ("seq", "base_version", "num_examples"):
+            if getattr(header, field) > INT64_MAX:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field} {getattr(header, field)} is out of range")
+        if not math.isfinite(header.train_loss):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"train_loss must be finite, got {header.train_loss}")
+        _, deltas_hw = self.store.high_waters(device)
+        if header.seq <= deltas_hw:
+            return self._replayed_delta(device, header, deltas_hw, context)
+        if header.seq != deltas_hw + 1:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, f"sequence gap: expected delta {deltas_hw + 1}, got {header.seq}"
+            )
+        if len(header.payload_sha256) != 32:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "payload_sha256 must be 32 bytes")
+        return None
 
     def _push_whole_delta(
         self, device: str, header: pb.DeltaHeader, payload: bytes, context: grpc.ServicerContext

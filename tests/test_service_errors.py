@@ -1297,3 +1297,33 @@ def test_hello_offers_the_current_manifest_to_a_device_behind_and_keeps_that_ver
     assert offered == current and current in coordinator.store.versions_in_use()
     up_to_date = hello(stub, device, model_version=current)
     assert up_to_date.current_manifest_json == b"" and up_to_date.current_model_version == current
+
+
+def test_push_whole_delta_checks_like_push_delta(stub: SyncStub, coordinator: Coordinator) -> None:
+    device = new_device("whole")
+    header, payload = delta_header(1, small_delta(coordinator, 1))
+    whole = pb.WholeDelta(header=header, payload=payload)
+    ack = stub.PushWholeDelta(whole, metadata=md(device), timeout=TIMEOUT_S)
+    assert ack.status == pb.DeltaAck.ACCEPTED and ack.deltas_high_water == 1
+    again = stub.PushWholeDelta(whole, metadata=md(device), timeout=TIMEOUT_S)
+    assert again.status == pb.DeltaAck.DUPLICATE  # exactly once
+
+    bad: list[tuple[pb.WholeDelta, grpc.StatusCode, str]] = []
+    header2, payload2 = delta_header(2, small_delta(coordinator, 2))
+    bad.append((pb.WholeDelta(header=header2, payload=payload2[:-1]), Code.INVALID_ARGUMENT, "header says"))
+    offset = pb.DeltaHeader()
+    offset.CopyFrom(header2)
+    offset.offset = 4
+    bad.append((pb.WholeDelta(header=offset, payload=payload2), Code.INVALID_ARGUMENT, "offset 0"))
+    bad.append((pb.WholeDelta(header=header2, payload=bytes(len(payload2))), Code.DATA_LOSS, "sha256"))
+    gap = pb.DeltaHeader()
+    gap.CopyFrom(header2)
+    gap.seq = 5
+    bad.append((pb.WholeDelta(header=gap, payload=payload2), Code.FAILED_PRECONDITION, "sequence gap"))
+    for message, code, words in bad:
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.PushWholeDelta(message, metadata=md(device), timeout=TIMEOUT_S)
+        assert_status(refused.value, code, words)
+    assert stub.PushWholeDelta(pb.WholeDelta(header=header2, payload=payload2), metadata=md(device)).status == (
+        pb.DeltaAck.ACCEPTED
+    )

@@ -147,7 +147,7 @@ def test_the_cutter_drops_the_link_in_every_kind_of_call_and_the_device_resumes(
             with coordinator.store.lock:
                 coordinator.store.touch_device("device-rival")
                 coordinator.store.add_events("device-rival", [rival])
-        assert cut_in == {"Hello", "PushEvents", "PushDelta", "PullCorrections", "DownloadArtifact"}
+        assert cut_in == {"Hello", "PushEvents", "PushWholeDelta", "PullCorrections", "DownloadArtifact"}
         client.sync(coordinator.address)
         assert client.cache.correction(bytes(input_hash)) is not None  # the last correction arrived
     finally:

@@ -103,6 +103,14 @@ class DeltaChunk(_message.Message):
     data: bytes
     def __init__(self, header: _Optional[_Union[DeltaHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
+class WholeDelta(_message.Message):
+    __slots__ = ("header", "payload")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    header: DeltaHeader
+    payload: bytes
+    def __init__(self, header: _Optional[_Union[DeltaHeader, _Mapping]] = ..., payload: _Optional[bytes] = ...) -> None: ...
+
 class DeltaAck(_message.Message):
     __slots__ = ("seq", "status", "reason", "deltas_high_water")
     class Status(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):

@@ -49,6 +49,11 @@ class SyncStub:
                 request_serializer=fedsync_dot_v1_dot_sync__pb2.DeltaChunk.SerializeToString,
                 response_deserializer=fedsync_dot_v1_dot_sync__pb2.DeltaAck.FromString,
                 _registered_method=True)
+        self.PushWholeDelta = channel.unary_unary(
+                '/fedsync.v1.Sync/PushWholeDelta',
+                request_serializer=fedsync_dot_v1_dot_sync__pb2.WholeDelta.SerializeToString,
+                response_deserializer=fedsync_dot_v1_dot_sync__pb2.DeltaAck.FromString,
+                _registered_method=True)
         self.PullCorrections = channel.unary_unary(
                 '/fedsync.v1.Sync/PullCorrections',
                 request_serializer=fedsync_dot_v1_dot_sync__pb2.PullCorrectionsRequest.SerializeToString,
@@ -93,6 +98,15 @@ class SyncServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PushWholeDelta(self, request, context):
+        """A delta whose whole payload fits one message (most deltas: under 2 MiB), in one unary call:
+        the same checks, acknowledgement and exactly-once rules as PushDelta, without a stream's
+        per-call costs. The header's offset must be 0 (a cut PushWholeDelta leaves nothing to resume).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def PullCorrections(self, request, context):
         """Corrections for the calling device after a cursor, oldest first.
         """
@@ -131,6 +145,11 @@ def add_SyncServicer_to_server(servicer, server):
             'PushDelta': grpc.stream_unary_rpc_method_handler(
                     servicer.PushDelta,
                     request_deserializer=fedsync_dot_v1_dot_sync__pb2.DeltaChunk.FromString,
+                    response_serializer=fedsync_dot_v1_dot_sync__pb2.DeltaAck.SerializeToString,
+            ),
+            'PushWholeDelta': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushWholeDelta,
+                    request_deserializer=fedsync_dot_v1_dot_sync__pb2.WholeDelta.FromString,
                     response_serializer=fedsync_dot_v1_dot_sync__pb2.DeltaAck.SerializeToString,
             ),
             'PullCorrections': grpc.unary_unary_rpc_method_handler(
@@ -229,6 +248,33 @@ class Sync:
             target,
             '/fedsync.v1.Sync/PushDelta',
             fedsync_dot_v1_dot_sync__pb2.DeltaChunk.SerializeToString,
+            fedsync_dot_v1_dot_sync__pb2.DeltaAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushWholeDelta(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedsync.v1.Sync/PushWholeDelta',
+            fedsync_dot_v1_dot_sync__pb2.WholeDelta.SerializeToString,
             fedsync_dot_v1_dot_sync__pb2.DeltaAck.FromString,
             options,
             channel_credentials,
