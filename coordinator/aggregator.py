@@ -100,8 +100,8 @@ class Aggregator:
         else:
             self.version = latest[0]
             self.weights = publisher.load_weights(self.version)
-        self.manifest_json = store.latest_version()[1]  # type: ignore[index]
-        self.published: tuple[int, bytes] = (self.version, self.manifest_json)  # one attribute: read atomically
+        # The current version and its manifest, one attribute so that the service reads them together.
+        self.published: tuple[int, bytes] = (self.version, store.latest_version()[1])  # type: ignore[index]
 
     def reference_weights(self) -> Weights:
         return self.weights
@@ -152,7 +152,7 @@ class Aggregator:
         self.store.commit_version(
             new_version, self.version, manifest_json, manifest.metrics.get("accuracy"), used, rejected
         )
-        self.version, self.weights, self.manifest_json = new_version, new_weights, manifest_json
+        self.version, self.weights = new_version, new_weights
         self.published = (new_version, manifest_json)
         self.metrics.version_published()
         self.prune_versions()
@@ -174,3 +174,7 @@ class Aggregator:
 
     def current_manifest(self) -> Manifest:
         return Manifest.from_json(self.manifest_json)
+
+    @property
+    def manifest_json(self) -> bytes:
+        return self.published[1]

@@ -106,7 +106,7 @@ def test_manifest_that_does_not_fit_its_model_is_rolled_back(served: tuple[Coord
             "outputs": [TensorInfo("probs", [-1, 11], "float32")],
         }
     )
-    coordinator.aggregator.manifest_json = lying.to_json()
+    coordinator.aggregator.published = (manifest.version, lying.to_json())  # what Hello and GetModelInfo hand out
     report = client.sync(coordinator.address)
     assert report.install_error is not None and "smoke test" in report.install_error
     assert client.model_version == 1
