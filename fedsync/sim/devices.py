@@ -8,6 +8,7 @@ behaves the same whichever group hosts it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import shutil
 from collections.abc import Collection, Mapping, Sequence
@@ -35,10 +36,17 @@ def device_home(config: SimulationConfig, index: int) -> Path:
 
 
 def fleet_shards(config: SimulationConfig) -> list[Shard]:
-    train, _ = load_digits_split(seed=config.seed)
-    return partition(
-        train, config.devices, config.partition, seed=config.seed, alpha=config.alpha, overlap=config.overlap
-    )
+    return list(_shards(config.seed, config.devices, config.partition, config.alpha, config.overlap))
+
+
+@functools.lru_cache(maxsize=2)  # the driver needs them twice (the workers' data, the ground truth)
+def _shards(seed: int, devices: int, scheme: str, alpha: float, overlap: float) -> tuple[Shard, ...]:
+    train, _ = load_digits_split(seed=seed)
+    shards = tuple(partition(train, devices, scheme, seed=seed, alpha=alpha, overlap=overlap))
+    for shard in shards:  # shared by every caller: nobody may change them
+        shard.x.flags.writeable = False
+        shard.y.flags.writeable = False
+    return shards
 
 
 def ground_truth(shards: Sequence[Shard]) -> dict[bytes, int]:

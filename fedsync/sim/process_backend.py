@@ -25,6 +25,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import threading
 import traceback
 from collections import deque
 from collections.abc import Collection, Iterator
@@ -35,7 +36,6 @@ from typing import Any
 import numpy as np
 
 from fedsync.sim.config import SimulationConfig
-from fedsync.sim.data import Shard
 from fedsync.sim.devices import fleet_shards
 from fedsync.sim.dropout import SyncOutcome
 
@@ -53,7 +53,8 @@ def default_workers() -> int:
 
 
 class _Worker:
-    def __init__(self, config: SimulationConfig, indices: list[int], shards: dict[int, Shard]) -> None:
+    def __init__(self) -> None:
+        """Starts the process; `send("start", config, indices, shards)` gives it its devices."""
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
         self.process = subprocess.Popen(
@@ -65,7 +66,7 @@ class _Worker:
         os.close(from_child_w)
         self.requests = Connection(to_child_w, readable=False)
         self.replies = Connection(from_child_r, writable=False)
-        self.send("start", config, indices, shards)
+        self.start_sent = False
 
     def send(self, method: str, *args: Any) -> None:
         self.requests.send((method, args))
@@ -104,18 +105,34 @@ class ProcessFleet:
         self._workers: list[_Worker] = []
         self.peak_rss_mb: list[float] = []  # each worker's, filled in by close()
         self._started = False
-        shards = fleet_shards(config)  # loaded here once: the workers need not import scikit-learn
         try:
-            self._workers = [_Worker(config, s, {i: shards[i] for i in s}) for s in slices]
+            self._workers = [_Worker() for _ in slices]
         except BaseException:
             self.close()
             raise
         self._owner = {i: w for w, s in enumerate(slices) for i in s}
+        # A worker reads its start request (its shards: more than a pipe holds) once its imports
+        # are done: sending from a thread lets the driver go on with its own start-up meanwhile.
+        self._start_error: BaseException | None = None
+        self._starting = threading.Thread(target=self._start, args=(config, slices), daemon=True)
+        self._starting.start()
+
+    def _start(self, config: SimulationConfig, slices: list[list[int]]) -> None:
+        try:
+            shards = fleet_shards(config)  # loaded here once: the workers need not import scikit-learn
+            for w, indices in zip(self._workers, slices, strict=True):
+                w.send("start", config, indices, {i: shards[i] for i in indices})
+                w.start_sent = True
+        except BaseException as exc:  # surfaced by _ready
+            self._start_error = exc
 
     def _ready(self) -> None:
         """The workers build their devices in parallel, and beside the driver's own start-up (the
         coordinator's): wait for them only when they are first needed."""
         if not self._started:
+            self._starting.join()
+            if self._start_error is not None:
+                raise WorkerError(f"could not start the workers: {self._start_error}") from self._start_error
             for w in self._workers:
                 w.receive(START_TIMEOUT_S)
             self._started = True
@@ -163,12 +180,14 @@ class ProcessFleet:
 
     def close(self) -> None:
         workers, self._workers = self._workers, []
+        if hasattr(self, "_starting"):
+            self._starting.join(START_TIMEOUT_S)
         try:
             for w in workers:
                 if w.process.poll() is None:
                     w.send("close")
             for w in workers:
-                if not self._started:  # its start-up reply comes first
+                if not self._started and w.start_sent:  # its start-up reply comes first
                     with contextlib.suppress(WorkerError):
                         w.receive(START_TIMEOUT_S)
                 if w.process.poll() is None:
