@@ -165,7 +165,6 @@ class EdgeClient:
         self.device_id = device_id
         self.credential = credential
         self.tls = tls
-        self.artifact_cache = artifact_cache  # model artifacts shared with other clients on this host
         self.inference_kind = INFERENCE_BACKENDS[inference]
         self.fine_tuning = fine_tuning
         self.journal = Journal(self.home / "journal.db", durability)
@@ -173,7 +172,10 @@ class EdgeClient:
         self.cache = PredictionCache(self.journal.conn, write_behind=True)
         # A PROCESS-durability device need not fsync its model files either (see client.model_store).
         self.models = ModelStore(
-            self.home / "models", keep_versions=keep_versions, durable=durability is Durability.POWER
+            self.home / "models",
+            keep_versions=keep_versions,
+            durable=durability is Durability.POWER,
+            artifact_cache=artifact_cache,
         )
         self._lock = threading.RLock()
         self._serving: tuple[Classifier, int] | None = None

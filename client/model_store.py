@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from client.artifact_cache import ArtifactCache
 from fedsync.manifest import (
     MANIFEST_NAME,
     Artifact,
@@ -49,12 +50,18 @@ class StoredArtifact:
 
 
 class ModelStore:
-    def __init__(self, root: Path, keep_versions: int = 3, *, durable: bool = True) -> None:
+    def __init__(
+        self, root: Path, keep_versions: int = 3, *, durable: bool = True, artifact_cache: ArtifactCache | None = None
+    ) -> None:
+        """artifact_cache: verified artifacts shared with the other clients of this host (see
+        client.artifact_cache); `shared_bytes` counts what installs linked from it instead of fetching."""
         if keep_versions < 1:
             raise ValueError("keep_versions must be at least 1")
         self.root = Path(root)
         self.keep_versions = keep_versions
         self.durable = durable
+        self.artifact_cache = artifact_cache
+        self.shared_bytes = 0
         self.root.mkdir(parents=True, exist_ok=True)
         # This object is the store's only writer: what it last read or wrote of CURRENT and of the
         # (immutable) manifests stays true until it changes them itself.
@@ -154,9 +161,7 @@ class ModelStore:
         staging.mkdir(exist_ok=True)
         for artifact in wanted:
             path = staging / artifact.name
-            if not (path.exists() and path.stat().st_size == artifact.size):
-                fetch(artifact, path)
-            self._verify(path, artifact)
+            self._obtain(artifact, path, fetch)
             if self.durable:
                 fsync_path(path)
         # The bytes as published (they parsed into `manifest`), not a re-serialization: the same file
@@ -165,6 +170,26 @@ class ModelStore:
         staging.rename(final)
         if self.durable:
             fsync_path(self.root)
+        if self.artifact_cache is not None:
+            for artifact in wanted:
+                self.artifact_cache.add(final / artifact.name, artifact.sha256)
+
+    def _obtain(self, artifact: Artifact, path: Path, fetch: FetchArtifact) -> None:
+        """The verified artifact at `path`: what staging already holds, a shared copy, or a fetch."""
+        if path.exists() and path.stat().st_size == artifact.size:
+            self._verify(path, artifact)
+            return
+        cache = self.artifact_cache
+        if cache is not None and not path.exists() and cache.link_into(artifact.sha256, artifact.size, path):
+            try:
+                self._verify(path, artifact)
+            except InstallError:
+                pass  # a damaged shared copy (now unlinked here): fetch this store's own
+            else:
+                self.shared_bytes += artifact.size
+                return
+        fetch(artifact, path)
+        self._verify(path, artifact)
 
     @staticmethod
     def _verify(path: Path, artifact: Artifact) -> None:

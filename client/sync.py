@@ -29,7 +29,7 @@ from tenacity import (
 from client.journal import Journal
 from client.model_store import InstallError
 from client.predictions import PredictionCache, StoredCorrection
-from fedsync.manifest import Artifact, sha256_file
+from fedsync.manifest import Artifact
 from fedsync.v1 import sync_pb2 as pb
 from fedsync.v1.sync_pb2_grpc import SyncStub
 from fedsync.wire import call_metadata, open_channel
@@ -187,7 +187,6 @@ class _Session:
         if self.journal.last_event_seq() - high_water <= EVENT_BATCH_SIZE:
             self._push_event_batch(high_water)
             return
-        journal = self.journal
         window = threading.Semaphore(EVENT_WINDOW)
         failures: queue.SimpleQueue[BaseException] = queue.SimpleQueue()
         stop = threading.Event()
@@ -214,10 +213,7 @@ class _Session:
         try:
             for ack in responses:
                 watchdog.progress()
-                journal.ack_events(ack.high_water)
-                self.corrections_waiting = max(self.corrections_waiting, ack.corrections_cursor)
-                self.report.events_sent += ack.accepted
-                self.report.events_duplicates += ack.duplicates
+                self._take_event_ack(ack)
                 window.release()
         except grpc.RpcError as exc:
             if watchdog.fired and exc.code() == grpc.StatusCode.CANCELLED:
@@ -239,10 +235,13 @@ class _Session:
         message = self._event_batch(columns)
         responses = self.stub.PushEvents(iter([message]), metadata=self.metadata, timeout=self.timeout_s)
         for ack in responses:
-            journal.ack_events(ack.high_water)
-            self.corrections_waiting = max(self.corrections_waiting, ack.corrections_cursor)
-            self.report.events_sent += ack.accepted
-            self.report.events_duplicates += ack.duplicates
+            self._take_event_ack(ack)
+
+    def _take_event_ack(self, ack: pb.EventAck) -> None:
+        self.journal.ack_events(ack.high_water)
+        self.corrections_waiting = max(self.corrections_waiting, ack.corrections_cursor)
+        self.report.events_sent += ack.accepted
+        self.report.events_duplicates += ack.duplicates
 
     def _event_batch(self, columns: list[list]) -> pb.EventBatch:
         seqs, hashes, labels, confidences, versions, latencies, times = columns
@@ -363,39 +362,28 @@ class _Session:
             version, manifest_json = info.version, info.manifest_json
         if version == 0 or version <= self.client.model_version:
             return
+        models = self.client.models
+        shared_before = models.shared_bytes
         try:
-            installed = self.client.models.install(
+            installed = models.install(
                 manifest_json,
-                fetch=lambda artifact, path: self._fetch(version, artifact, path),
+                fetch=lambda artifact, path: self._download(version, artifact, path),
                 smoke_test=self.client.smoke_test,
                 kinds=self.client.wanted_artifact_kinds(),
             )
         except InstallError as exc:
             self.report.install_error = str(exc)
             return
+        finally:
+            self.report.bytes_shared += models.shared_bytes - shared_before
         self.report.installed_version = installed
         self.client.reload_model()
-        if self.client.artifact_cache is not None:
-            manifest = self.client.models.manifest(installed)
-            for artifact in manifest.artifacts if manifest is not None else ():
-                path = self.client.models.version_dir(installed) / artifact.name
-                if path.exists():  # verified by the store's install
-                    self.client.artifact_cache.add(path, artifact.sha256)
         if not offered:  # tell the coordinator which version this device now runs: it keeps it published
             self.stub.Hello(
                 pb.HelloRequest(model_version=installed, client_version="fedsync/0.1"),
                 metadata=self.metadata,
                 timeout=self.timeout_s,
             )
-
-    def _fetch(self, version: int, artifact: Artifact, path: Path) -> None:
-        cache = self.client.artifact_cache
-        if cache is not None and not path.exists() and cache.link_into(artifact.sha256, artifact.size, path):
-            if sha256_file(path) == artifact.sha256:
-                self.report.bytes_shared += artifact.size
-                return
-            path.unlink()  # a damaged shared copy: download this device's own
-        self._download(version, artifact, path)
 
     def _download(self, version: int, artifact: Artifact, path: Path) -> None:
         offset = path.stat().st_size if path.exists() else 0

@@ -95,13 +95,12 @@ class Aggregator:
         if latest is None:
             self.weights = publisher.initial_weights()
             manifest = publisher.publish(1, 0, self.weights)
-            store.commit_version(1, 0, manifest.to_json(), manifest.metrics.get("accuracy"), [])
-            self.version = 1
+            latest = (1, manifest.to_json())
+            store.commit_version(1, 0, latest[1], manifest.metrics.get("accuracy"), [])
         else:
-            self.version = latest[0]
-            self.weights = publisher.load_weights(self.version)
+            self.weights = publisher.load_weights(latest[0])
         # The current version and its manifest, one attribute so that the service reads them together.
-        self.published: tuple[int, bytes] = (self.version, store.latest_version()[1])  # type: ignore[index]
+        self.published: tuple[int, bytes] = (latest[0], latest[1])
 
     def reference_weights(self) -> Weights:
         return self.weights
@@ -152,7 +151,7 @@ class Aggregator:
         self.store.commit_version(
             new_version, self.version, manifest_json, manifest.metrics.get("accuracy"), used, rejected
         )
-        self.version, self.weights = new_version, new_weights
+        self.weights = new_weights
         self.published = (new_version, manifest_json)
         self.metrics.version_published()
         self.prune_versions()
@@ -171,6 +170,10 @@ class Aggregator:
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(int(path.name[1:]))
         return sorted(removed)
+
+    @property
+    def version(self) -> int:
+        return self.published[0]
 
     def current_manifest(self) -> Manifest:
         return Manifest.from_json(self.manifest_json)

@@ -22,6 +22,7 @@ __main__, so it works the same under the CLI, a script or pytest.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import subprocess
 import sys
@@ -198,8 +199,6 @@ class ProcessFleet:
 
 
 def _with_absolute_data_dir(config: SimulationConfig) -> SimulationConfig:
-    import dataclasses
-
     return dataclasses.replace(config, data_dir=Path(config.data_dir).resolve())
 
 
