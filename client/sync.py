@@ -26,7 +26,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from client.journal import Journal
+from client.journal import Journal, JournalDelta
 from client.model_store import InstallError
 from client.predictions import PredictionCache, StoredCorrection
 from fedsync.manifest import Artifact
@@ -47,6 +47,9 @@ DELTA_CHUNK_BYTES = 2 << 20
 # process with SIGBUS instead of raising. Edge storage (SD cards) fails like that, so it is off;
 # set it (e.g. 1 << 30) where the storage is trusted. About 30 ms per 50 MB uploaded.
 JOURNAL_MMAP_BYTES = 0
+# Pending work that fits one message rides the Hello (one round trip for a whole sync); False sends
+# it by the regular calls only, as a client of an older coordinator ends up doing anyway.
+HELLO_CARRIES_PENDING = True
 DOWNLOAD_WRITES_AHEAD = 4  # chunks received but not yet written, at most
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED})
 
@@ -159,11 +162,13 @@ class _Session:
 
     def _run(self) -> SyncReport:
         journal = self.journal
-        hello = self.stub.Hello(
-            pb.HelloRequest(model_version=self.client.model_version, client_version="fedsync/0.1"),
-            metadata=self.metadata,
-            timeout=self.timeout_s,
-        )
+        request = pb.HelloRequest(model_version=self.client.model_version, client_version="fedsync/0.1")
+        carried_delta = self._carry(request)
+        hello = self.stub.Hello(request, metadata=self.metadata, timeout=self.timeout_s)
+        if hello.HasField("events_ack"):
+            self._take_event_ack(hello.events_ack)
+        if hello.HasField("delta_ack") and carried_delta is not None:
+            self._take_delta_ack(carried_delta, hello.delta_ack)
         # An ack may have been lost after the coordinator's commit: its marks are the truth.
         journal.ack_events(hello.events_high_water)
         self.corrections_waiting = hello.corrections_cursor
@@ -180,6 +185,27 @@ class _Session:
             self._pull_model(hello)
         self.report.model_version = self.client.model_version
         return self.report
+
+    def _carry(self, request: pb.HelloRequest) -> int | None:
+        """Put what is pending into the Hello when it fits one message: the pending events when they
+        make one batch, the next delta when its payload is one chunk. Returns the carried delta's
+        seq. Whatever the coordinator does not take goes again by the regular calls below."""
+        if not HELLO_CARRIES_PENDING:
+            return None
+        journal = self.journal
+        acked = journal.events_acked()
+        if 0 < journal.last_event_seq() - acked <= EVENT_BATCH_SIZE:
+            columns = next(journal.iter_event_columns(acked, EVENT_BATCH_SIZE), None)
+            if columns is not None:
+                request.events.CopyFrom(self._event_batch(columns))
+        for delta, payload_size in journal.pending_delta_headers(journal.deltas_acked()):
+            if payload_size > DELTA_CHUNK_BYTES:
+                return None
+            request.delta.header.CopyFrom(self._delta_header(delta, payload_size, 0))
+            request.delta.payload = b"".join(journal.read_payload(delta.seq, 0, DELTA_CHUNK_BYTES))
+            self.report.bytes_up += payload_size
+            return int(delta.seq)
+        return None
 
     # -- events --------------------------------------------------------------------------
 
@@ -266,21 +292,7 @@ class _Session:
             if delta.seq == high_water + 1 and resume_sha256 == delta.payload_sha256:
                 offset = min(resume_offset, payload_size)
                 self.report.resumed_delta_bytes += offset
-            specs = [
-                pb.TensorSpec(name=s["name"], shape=s["shape"], dtype=s["dtype"])
-                for s in json.loads(delta.tensor_specs)
-            ]
-            header = pb.DeltaHeader(
-                seq=delta.seq,
-                base_version=delta.base_version,
-                num_examples=delta.num_examples,
-                codec=delta.codec,
-                tensors=specs,
-                payload_size=payload_size,
-                payload_sha256=delta.payload_sha256,
-                train_loss=delta.train_loss,
-                offset=offset,
-            )
+            header = self._delta_header(delta, payload_size, offset)
 
             def chunks(header: pb.DeltaHeader = header, offset: int = offset) -> Iterator[pb.DeltaChunk]:
                 yield pb.DeltaChunk(header=header)
@@ -318,12 +330,33 @@ class _Session:
                 self.report.deltas_rejected += 1
                 self.report.notes.append(exc.details() or f"delta {delta.seq} rejected")
                 continue
-            if ack.status == pb.DeltaAck.REJECTED:
-                journal.ack_delta(delta.seq, "rejected", ack.reason)
-                self.report.deltas_rejected += 1
-            else:
-                journal.ack_delta(delta.seq, "sent")
-                self.report.deltas_sent += ack.status == pb.DeltaAck.ACCEPTED
+            self._take_delta_ack(delta.seq, ack)
+
+    @staticmethod
+    def _delta_header(delta: JournalDelta, payload_size: int, offset: int) -> pb.DeltaHeader:
+        specs = [
+            pb.TensorSpec(name=s["name"], shape=s["shape"], dtype=s["dtype"]) for s in json.loads(delta.tensor_specs)
+        ]
+        return pb.DeltaHeader(
+            seq=delta.seq,
+            base_version=delta.base_version,
+            num_examples=delta.num_examples,
+            codec=delta.codec,
+            tensors=specs,
+            payload_size=payload_size,
+            payload_sha256=delta.payload_sha256,
+            train_loss=delta.train_loss,
+            offset=offset,
+        )
+
+    def _take_delta_ack(self, seq: int, ack: pb.DeltaAck) -> None:
+        if ack.status == pb.DeltaAck.REJECTED:
+            self.journal.ack_delta(seq, "rejected", ack.reason)
+            self.report.deltas_rejected += 1
+            self.report.notes.append(ack.reason or f"delta {seq} rejected")
+        else:
+            self.journal.ack_delta(seq, "sent")
+            self.report.deltas_sent += ack.status == pb.DeltaAck.ACCEPTED
 
     # -- corrections ---------------------------------------------------------------------
 

@@ -36,6 +36,24 @@ _HASH_DTYPE = np.dtype(f"V{INPUT_HASH_BYTES}")  # "S" would strip trailing zero 
 _STORE_CODES = {"invalid": grpc.StatusCode.INVALID_ARGUMENT, "precondition": grpc.StatusCode.FAILED_PRECONDITION}
 
 
+class Refused(Exception):
+    """A request turned down: the status code and message its call answers with."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class DeltaRefused(Refused):
+    """A delta refused for its content and recorded so: a retransmission gets the same answer."""
+
+    def __init__(self, message: str, seq: int, high_water: int) -> None:
+        super().__init__(grpc.StatusCode.INVALID_ARGUMENT, message)
+        self.seq = seq
+        self.high_water = high_water
+
+
 def device_of(context: grpc.ServicerContext) -> str:
     metadata = dict(context.invocation_metadata())
     device_id = metadata.get(DEVICE_METADATA_KEY, "")
@@ -47,11 +65,11 @@ def device_of(context: grpc.ServicerContext) -> str:
     return device_id
 
 
-def _payload_pieces(chunks: Iterator[pb.DeltaChunk], context: grpc.ServicerContext) -> Iterator[bytes]:
+def _payload_pieces(chunks: Iterator[pb.DeltaChunk]) -> Iterator[bytes]:
     """The data of the chunks after the header."""
     for chunk in chunks:
         if chunk.WhichOneof("part") != "data":
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "only the first DeltaChunk may carry a header")
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "only the first DeltaChunk may carry a header")
         yield chunk.data  # each access to a bytes field copies it
 
 
@@ -95,79 +113,123 @@ class SyncService(SyncServicer):
         version, manifest_json = self.aggregator.published
         offered = version if version > request.model_version else 0
         marks = self.store.touch_device(device, request.model_version, offered)
-        partial = self.uploads.status(device)
-        resumable = partial is not None and partial.seq == marks.deltas_high_water + 1
-        return pb.HelloResponse(
+        response = pb.HelloResponse(
             events_high_water=marks.events_high_water,
             deltas_high_water=marks.deltas_high_water,
             current_model_version=version,
-            delta_resume_offset=partial.received if resumable else 0,
-            delta_resume_sha256=partial.sha256 if resumable else b"",
             corrections_cursor=marks.corrections_cursor,
             current_manifest_json=manifest_json if offered else b"",
         )
+        # What the client sent along is applied as PushEvents and PushWholeDelta would; what fails
+        # a transfer check stays unapplied, for the regular call to report precisely.
+        if request.HasField("events"):
+            try:
+                events_ack = self._apply_event_batch(device, request.events)
+            except Refused as exc:
+                log.debug("events sent with Hello by %s left to PushEvents: %s", device, exc.message)
+            else:
+                response.events_ack.CopyFrom(events_ack)
+                response.events_high_water = events_ack.high_water
+                response.corrections_cursor = max(response.corrections_cursor, events_ack.corrections_cursor)
+        if request.HasField("delta"):
+            delta_ack = self._carried_delta(device, request.delta)
+            if delta_ack is not None:
+                response.delta_ack.CopyFrom(delta_ack)
+                response.deltas_high_water = max(response.deltas_high_water, delta_ack.deltas_high_water)
+        partial = self.uploads.status(device)
+        if partial is not None and partial.seq == response.deltas_high_water + 1:
+            response.delta_resume_offset = partial.received
+            response.delta_resume_sha256 = partial.sha256
+        return response
+
+    def _carried_delta(self, device: str, delta: pb.WholeDelta) -> pb.DeltaAck | None:
+        try:
+            return self._whole_delta(device, delta)
+        except DeltaRefused as exc:
+            return pb.DeltaAck(
+                seq=exc.seq, status=pb.DeltaAck.REJECTED, reason=exc.message, deltas_high_water=exc.high_water
+            )
+        except Refused as exc:
+            log.debug("delta sent with Hello by %s left to PushWholeDelta: %s", device, exc.message)
+            return None
 
     def PushEvents(
         self, request_iterator: Iterator[pb.EventBatch], context: grpc.ServicerContext
     ) -> Iterator[pb.EventAck]:
         device = device_of(context)
         for batch in request_iterator:
-            n = len(batch.seq)
-            if n > MAX_EVENTS_PER_BATCH:
-                context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"batch of {n} events exceeds the limit of {MAX_EVENTS_PER_BATCH}",
-                )
-            hashes = batch.input_hashes
-            if len(hashes) != INPUT_HASH_BYTES * n:
-                context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"input_hashes must hold {INPUT_HASH_BYTES} bytes for each of the {n} events, got {len(hashes)}",
-                )
-            columns = [batch.labels, batch.confidences, batch.model_versions, batch.latencies_us, batch.times_unix_ns]
-            if any(len(column) != n for column in columns):
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "event batch columns must all have one entry an event")
-            # Packed repeated fields convert to arrays without a copy per element.
-            rows = EventColumns.from_arrays(
-                np.array(batch.seq, dtype=np.uint64),
-                np.frombuffer(hashes, dtype=_HASH_DTYPE).tolist(),  # bytes objects, 5x faster than slicing
-                np.array(batch.labels, dtype=np.int64),
-                np.array(batch.confidences, dtype=np.float64),
-                np.array(batch.model_versions, dtype=np.uint64),
-                np.array(batch.latencies_us, dtype=np.float64),
-                np.array(batch.times_unix_ns, dtype=np.int64),
-            )
             try:
-                result = self.store.add_events(device, rows)
-            except StoreError as exc:
-                context.abort(_STORE_CODES[exc.kind], str(exc))
-            if result.conflicts_touched:
-                self.metrics.conflicts_resolved(result.conflicts_touched)
-            yield pb.EventAck(
-                high_water=result.high_water,
-                accepted=result.accepted,
-                duplicates=result.duplicates,
-                corrections_cursor=result.corrections_cursor,
+                ack = self._apply_event_batch(device, batch)
+            except Refused as exc:
+                context.abort(exc.code, exc.message)
+            yield ack
+
+    def _apply_event_batch(self, device: str, batch: pb.EventBatch) -> pb.EventAck:
+        n = len(batch.seq)
+        if n > MAX_EVENTS_PER_BATCH:
+            raise Refused(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, f"batch of {n} events exceeds the limit of {MAX_EVENTS_PER_BATCH}"
             )
+        hashes = batch.input_hashes
+        if len(hashes) != INPUT_HASH_BYTES * n:
+            raise Refused(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"input_hashes must hold {INPUT_HASH_BYTES} bytes for each of the {n} events, got {len(hashes)}",
+            )
+        columns = [batch.labels, batch.confidences, batch.model_versions, batch.latencies_us, batch.times_unix_ns]
+        if any(len(column) != n for column in columns):
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "event batch columns must all have one entry an event")
+        # Packed repeated fields convert to arrays without a copy per element.
+        rows = EventColumns.from_arrays(
+            np.array(batch.seq, dtype=np.uint64),
+            np.frombuffer(hashes, dtype=_HASH_DTYPE).tolist(),  # bytes objects, 5x faster than slicing
+            np.array(batch.labels, dtype=np.int64),
+            np.array(batch.confidences, dtype=np.float64),
+            np.array(batch.model_versions, dtype=np.uint64),
+            np.array(batch.latencies_us, dtype=np.float64),
+            np.array(batch.times_unix_ns, dtype=np.int64),
+        )
+        try:
+            result = self.store.add_events(device, rows)
+        except StoreError as exc:
+            raise Refused(_STORE_CODES[exc.kind], str(exc)) from None
+        if result.conflicts_touched:
+            self.metrics.conflicts_resolved(result.conflicts_touched)
+        return pb.EventAck(
+            high_water=result.high_water,
+            accepted=result.accepted,
+            duplicates=result.duplicates,
+            corrections_cursor=result.corrections_cursor,
+        )
 
     def PushDelta(self, request_iterator: Iterator[pb.DeltaChunk], context: grpc.ServicerContext) -> pb.DeltaAck:
         device = device_of(context)
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("part") != "header":
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first DeltaChunk must carry the header")
-        header = first.header
-        replayed = self._admit_header(device, header, context)
+        try:
+            return self._push_delta(device, first.header, request_iterator)
+        except Refused as exc:
+            context.abort(exc.code, exc.message)
+
+    def _push_delta(
+        self,
+        device: str,
+        header: pb.DeltaHeader,
+        request_iterator: Iterator[pb.DeltaChunk],
+    ) -> pb.DeltaAck:
+        replayed = self._admit_header(device, header)
         if replayed is not None:
             return replayed
-        pieces = _payload_pieces(request_iterator, context)
+        pieces = _payload_pieces(request_iterator)
         if header.offset == 0:
             whole, pieces = _whole_payload(pieces, header.payload_size)
             if whole is not None:
-                return self._push_whole_delta(device, header, whole, context)
+                return self._push_whole_delta(device, header, whole)
         try:
             upload = self.uploads.begin(device, header.seq, header.payload_sha256, header.payload_size, header.offset)
         except ValueError as exc:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{exc}: start again at offset 0")
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"{exc}: start again at offset 0") from None
         received = upload.received
         digest = self.uploads.prefix_hash(device) if received else hashlib.sha256()
         try:
@@ -175,80 +237,82 @@ class SyncService(SyncServicer):
                 for data in pieces:
                     if received + len(data) > header.payload_size:
                         self.uploads.discard(device)
-                        context.abort(grpc.StatusCode.INVALID_ARGUMENT, "delta payload is longer than its header says")
+                        raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "delta payload is longer than its header says")
                     append(data)
                     received += len(data)
         except UploadSuperseded as exc:
-            context.abort(grpc.StatusCode.ABORTED, str(exc))
+            raise Refused(grpc.StatusCode.ABORTED, str(exc)) from None
         if received != header.payload_size:
-            context.abort(
+            raise Refused(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"delta payload ended after {received} of {header.payload_size} bytes (resume at {received})",
             )
         if digest.digest() != header.payload_sha256:
             self.uploads.discard(device)
-            context.abort(grpc.StatusCode.DATA_LOSS, "delta payload does not match its sha256")
+            raise Refused(grpc.StatusCode.DATA_LOSS, "delta payload does not match its sha256")
         payload = self.uploads.payload(device)
         try:
-            return self._store_delta(device, header, payload, context, self.uploads.part_file(device))
+            return self._store_delta(device, header, payload, self.uploads.part_file(device))
         finally:
             self.uploads.discard(device)
 
     def PushWholeDelta(self, request: pb.WholeDelta, context: grpc.ServicerContext) -> pb.DeltaAck:
         device = device_of(context)
+        try:
+            return self._whole_delta(device, request)
+        except Refused as exc:
+            context.abort(exc.code, exc.message)
+
+    def _whole_delta(self, device: str, request: pb.WholeDelta) -> pb.DeltaAck:
         header = request.header
-        replayed = self._admit_header(device, header, context)
+        replayed = self._admit_header(device, header)
         if replayed is not None:
             return replayed
         if header.offset != 0:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a whole delta starts at offset 0, not {header.offset}")
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"a whole delta starts at offset 0, not {header.offset}")
         if len(request.payload) != header.payload_size:
-            context.abort(
+            raise Refused(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"payload of {len(request.payload)} bytes, but the header says {header.payload_size}",
             )
-        return self._push_whole_delta(device, header, request.payload, context)
+        return self._push_whole_delta(device, header, request.payload)
 
-    def _admit_header(self, device: str, header: pb.DeltaHeader, context: grpc.ServicerContext) -> pb.DeltaAck | None:
-        """The checks both upload calls make on a header; the answer to a replay of a stored delta."""
+    def _admit_header(self, device: str, header: pb.DeltaHeader) -> pb.DeltaAck | None:
+        """The checks every upload path makes on a header; the answer to a replay of a stored delta."""
         if header.payload_size > MAX_DELTA_BYTES:
-            context.abort(
+            raise Refused(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"delta of {header.payload_size} bytes exceeds the limit of {MAX_DELTA_BYTES}",
             )
         for field in ("seq", "base_version", "num_examples"):
             if getattr(header, field) > INT64_MAX:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field} {getattr(header, field)} is out of range")
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{field} {getattr(header, field)} is out of range")
         if not math.isfinite(header.train_loss):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"train_loss must be finite, got {header.train_loss}")
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"train_loss must be finite, got {header.train_loss}")
         _, deltas_hw = self.store.high_waters(device)
         if header.seq <= deltas_hw:
-            return self._replayed_delta(device, header, deltas_hw, context)
+            return self._replayed_delta(device, header, deltas_hw)
         if header.seq != deltas_hw + 1:
-            context.abort(
+            raise Refused(
                 grpc.StatusCode.FAILED_PRECONDITION, f"sequence gap: expected delta {deltas_hw + 1}, got {header.seq}"
             )
         if len(header.payload_sha256) != 32:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "payload_sha256 must be 32 bytes")
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "payload_sha256 must be 32 bytes")
         return None
 
-    def _push_whole_delta(
-        self, device: str, header: pb.DeltaHeader, payload: bytes, context: grpc.ServicerContext
-    ) -> pb.DeltaAck:
+    def _push_whole_delta(self, device: str, header: pb.DeltaHeader, payload: bytes) -> pb.DeltaAck:
         """A delta whose payload came in one piece: no partial upload on disk, no writer thread.
         Leaves the device's upload state as the chunked path would: begin() at offset 0 then
         discard() (which also stops an earlier cut stream of the device from appending)."""
         self.uploads.discard(device)
         if hashlib.sha256(payload).digest() != header.payload_sha256:
-            context.abort(grpc.StatusCode.DATA_LOSS, "delta payload does not match its sha256")
-        return self._store_delta(device, header, payload, context)
+            raise Refused(grpc.StatusCode.DATA_LOSS, "delta payload does not match its sha256")
+        return self._store_delta(device, header, payload)
 
-    def _replayed_delta(
-        self, device: str, header: pb.DeltaHeader, deltas_hw: int, context: grpc.ServicerContext
-    ) -> pb.DeltaAck:
+    def _replayed_delta(self, device: str, header: pb.DeltaHeader, deltas_hw: int) -> pb.DeltaAck:
         stored = self.store.delta_status(device, header.seq)
         if stored is None or stored[2] != header.payload_sha256:
-            context.abort(
+            raise Refused(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"delta {header.seq} was already stored with different content: refusing the replay",
             )
@@ -260,7 +324,6 @@ class SyncService(SyncServicer):
         device: str,
         header: pb.DeltaHeader,
         payload: bytes,
-        context: grpc.ServicerContext,
         payload_file: Path | None = None,
     ) -> pb.DeltaAck:
         """Validate and store a complete delta; payload_file (its bytes on disk) is moved into the store."""
@@ -283,7 +346,7 @@ class SyncService(SyncServicer):
                 # Record the refusal durably so a retransmission gets the same answer.
                 hw = self.store.add_delta(**common, payload=None, status="rejected", reason=problem[1])
                 self.metrics.delta_rejected(problem[0])
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"delta {header.seq} rejected: {problem[1]}")
+                raise DeltaRefused(f"delta {header.seq} rejected: {problem[1]}", header.seq, hw)
             reason = self.aggregator.strategy.accepts(staleness)
             status = "rejected" if reason else "buffered"
             hw = self.store.add_delta(
@@ -294,7 +357,7 @@ class SyncService(SyncServicer):
                 reason=reason or "",
             )
         except StoreError as exc:
-            context.abort(_STORE_CODES[exc.kind], str(exc))
+            raise Refused(_STORE_CODES[exc.kind], str(exc)) from None
         if reason:
             self.metrics.delta_rejected(reason)
             return pb.DeltaAck(

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import client.sync as client_sync
 from client import Durability, EdgeClient
 from coordinator import Coordinator
 from coordinator.records import EventRow
@@ -98,7 +99,18 @@ def test_dropouts_cut_syncs_mid_way_and_every_event_arrives_exactly_once(tmp_pat
     assert check_exactly_once(config) == report.events_journaled
 
 
-def test_the_cutter_drops_the_link_in_every_kind_of_call_and_the_device_resumes(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("carried", "cut_calls"),
+    [
+        (True, {"Hello", "PullCorrections", "DownloadArtifact"}),
+        (False, {"Hello", "PushEvents", "PushWholeDelta", "PullCorrections", "DownloadArtifact"}),
+    ],
+    ids=["pending-rides-hello", "regular-calls"],
+)
+def test_the_cutter_drops_the_link_in_every_kind_of_call_and_the_device_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, carried: bool, cut_calls: set[str]
+) -> None:
+    monkeypatch.setattr(client_sync, "HELLO_CARRIES_PENDING", carried)
     train, _ = load_digits_split(seed=0)
     coordinator = Coordinator(
         tmp_path / "coordinator", strategy=Strategy.fedbuff(buffer_size=1, max_staleness=100), auto_aggregate=False
@@ -147,7 +159,7 @@ def test_the_cutter_drops_the_link_in_every_kind_of_call_and_the_device_resumes(
             with coordinator.store.lock:
                 coordinator.store.touch_device("device-rival")
                 coordinator.store.add_events("device-rival", [rival])
-        assert cut_in == {"Hello", "PushEvents", "PushWholeDelta", "PullCorrections", "DownloadArtifact"}
+        assert cut_in == cut_calls
         client.sync(coordinator.address)
         assert client.cache.correction(bytes(input_hash)) is not None  # the last correction arrived
     finally:

@@ -12,7 +12,7 @@ from tests.test_sim_dropouts import check_exactly_once, small_fleet
 
 
 def test_devices_in_two_worker_processes_sync_exactly_once_and_train_the_model(tmp_path: Path) -> None:
-    config = small_fleet(tmp_path, backend="processes", workers=2, dropout_prob=0.3, rounds=5)
+    config = small_fleet(tmp_path, backend="processes", workers=2, dropout_prob=0.3, rounds=6)
     report = run_simulation(config)
     assert report.device_hosts == 2
     assert len(report.device_host_peak_rss_mb) == 2 and all(mb > 0 for mb in report.device_host_peak_rss_mb)

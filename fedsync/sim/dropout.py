@@ -26,10 +26,12 @@ if TYPE_CHECKING:
     from client import EdgeClient
     from client.sync import SyncReport
 
-# A dropping link lasts a uniformly drawn 0 to MAX_CUT_MESSAGES - 1 messages. A sync that sends
-# events and a delta and fetches a new model (linked from the host's shared artifacts) is about 11
-# messages long; a shorter one may finish before its link drops, and then is not cut.
-MAX_CUT_MESSAGES = 8
+# A dropping link lasts a uniformly drawn 0 to MAX_CUT_MESSAGES - 1 messages: 0, the Hello never
+# arrives; 1, it arrives (with the events and delta it carries) but its answer is lost; 2, the
+# link drops after the Hello, while corrections or model files are pulled. A sync of a device
+# with little pending is a Hello and its answer, and a model linked from the host's shared
+# artifacts: one that finishes before its link drops is not cut.
+MAX_CUT_MESSAGES = 3
 
 
 class LinkDropped(grpc.RpcError):

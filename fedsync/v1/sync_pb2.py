@@ -24,47 +24,47 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x66\x65\x64sync/v1/sync.proto\x12\nfedsync.v1\"=\n\x0cHelloRequest\x12\x15\n\rmodel_version\x18\x01 \x01(\x04\x12\x16\n\x0e\x63lient_version\x18\x02 \x01(\t\"\xd9\x01\n\rHelloResponse\x12\x19\n\x11\x65vents_high_water\x18\x01 \x01(\x04\x12\x19\n\x11\x64\x65ltas_high_water\x18\x02 \x01(\x04\x12\x1d\n\x15\x63urrent_model_version\x18\x03 \x01(\x04\x12\x1b\n\x13\x64\x65lta_resume_offset\x18\x04 \x01(\x04\x12\x1b\n\x13\x64\x65lta_resume_sha256\x18\x05 \x01(\x0c\x12\x1a\n\x12\x63orrections_cursor\x18\x06 \x01(\x04\x12\x1d\n\x15\x63urrent_manifest_json\x18\x07 \x01(\x0c\"\x99\x01\n\nEventBatch\x12\x0b\n\x03seq\x18\x01 \x03(\x04\x12\x14\n\x0cinput_hashes\x18\x02 \x01(\x0c\x12\x0e\n\x06labels\x18\x03 \x03(\r\x12\x13\n\x0b\x63onfidences\x18\x04 \x03(\x02\x12\x16\n\x0emodel_versions\x18\x05 \x03(\x04\x12\x14\n\x0clatencies_us\x18\x06 \x03(\x02\x12\x15\n\rtimes_unix_ns\x18\x07 \x03(\x03\"`\n\x08\x45ventAck\x12\x12\n\nhigh_water\x18\x01 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\r\x12\x12\n\nduplicates\x18\x03 \x01(\r\x12\x1a\n\x12\x63orrections_cursor\x18\x04 \x01(\x04\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"\xd0\x01\n\x0b\x44\x65ltaHeader\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x14\n\x0c\x62\x61se_version\x18\x02 \x01(\x04\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12\r\n\x05\x63odec\x18\x04 \x01(\t\x12\'\n\x07tensors\x18\x05 \x03(\x0b\x32\x16.fedsync.v1.TensorSpec\x12\x14\n\x0cpayload_size\x18\x06 \x01(\x04\x12\x16\n\x0epayload_sha256\x18\x07 \x01(\x0c\x12\x12\n\ntrain_loss\x18\x08 \x01(\x02\x12\x0e\n\x06offset\x18\t \x01(\x04\"O\n\nDeltaChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.fedsync.v1.DeltaHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"F\n\nWholeDelta\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x17.fedsync.v1.DeltaHeader\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"\xbc\x01\n\x08\x44\x65ltaAck\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12+\n\x06status\x18\x02 \x01(\x0e\x32\x1b.fedsync.v1.DeltaAck.Status\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x19\n\x11\x64\x65ltas_high_water\x18\x04 \x01(\x04\"K\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x41\x43\x43\x45PTED\x10\x01\x12\r\n\tDUPLICATE\x10\x02\x12\x0c\n\x08REJECTED\x10\x03\"=\n\x16PullCorrectionsRequest\x12\x14\n\x0c\x61\x66ter_cursor\x18\x01 \x01(\x04\x12\r\n\x05limit\x18\x02 \x01(\r\"j\n\nCorrection\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\x04\x12\x12\n\ninput_hash\x18\x02 \x01(\x0c\x12\r\n\x05label\x18\x03 \x01(\r\x12\x12\n\nconfidence\x18\x04 \x01(\x02\x12\x15\n\rmodel_version\x18\x05 \x01(\x04\"d\n\x17PullCorrectionsResponse\x12+\n\x0b\x63orrections\x18\x01 \x03(\x0b\x32\x16.fedsync.v1.Correction\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\x04\x12\x0c\n\x04more\x18\x03 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"3\n\tModelInfo\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x15\n\rmanifest_json\x18\x02 \x01(\x0c\"\\\n\x17\x44ownloadArtifactRequest\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x12\n\nchunk_size\x18\x04 \x01(\r\"A\n\rArtifactChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x32\xfb\x03\n\x04Sync\x12<\n\x05Hello\x12\x18.fedsync.v1.HelloRequest\x1a\x19.fedsync.v1.HelloResponse\x12>\n\nPushEvents\x12\x16.fedsync.v1.EventBatch\x1a\x14.fedsync.v1.EventAck(\x01\x30\x01\x12;\n\tPushDelta\x12\x16.fedsync.v1.DeltaChunk\x1a\x14.fedsync.v1.DeltaAck(\x01\x12>\n\x0ePushWholeDelta\x12\x16.fedsync.v1.WholeDelta\x1a\x14.fedsync.v1.DeltaAck\x12Z\n\x0fPullCorrections\x12\".fedsync.v1.PullCorrectionsRequest\x1a#.fedsync.v1.PullCorrectionsResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.fedsync.v1.GetModelInfoRequest\x1a\x15.fedsync.v1.ModelInfo\x12T\n\x10\x44ownloadArtifact\x12#.fedsync.v1.DownloadArtifactRequest\x1a\x19.fedsync.v1.ArtifactChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x66\x65\x64sync/v1/sync.proto\x12\nfedsync.v1\"\x8c\x01\n\x0cHelloRequest\x12\x15\n\rmodel_version\x18\x01 \x01(\x04\x12\x16\n\x0e\x63lient_version\x18\x02 \x01(\t\x12&\n\x06\x65vents\x18\x03 \x01(\x0b\x32\x16.fedsync.v1.EventBatch\x12%\n\x05\x64\x65lta\x18\x04 \x01(\x0b\x32\x16.fedsync.v1.WholeDelta\"\xac\x02\n\rHelloResponse\x12\x19\n\x11\x65vents_high_water\x18\x01 \x01(\x04\x12\x19\n\x11\x64\x65ltas_high_water\x18\x02 \x01(\x04\x12\x1d\n\x15\x63urrent_model_version\x18\x03 \x01(\x04\x12\x1b\n\x13\x64\x65lta_resume_offset\x18\x04 \x01(\x04\x12\x1b\n\x13\x64\x65lta_resume_sha256\x18\x05 \x01(\x0c\x12\x1a\n\x12\x63orrections_cursor\x18\x06 \x01(\x04\x12\x1d\n\x15\x63urrent_manifest_json\x18\x07 \x01(\x0c\x12(\n\nevents_ack\x18\x08 \x01(\x0b\x32\x14.fedsync.v1.EventAck\x12\'\n\tdelta_ack\x18\t \x01(\x0b\x32\x14.fedsync.v1.DeltaAck\"\x99\x01\n\nEventBatch\x12\x0b\n\x03seq\x18\x01 \x03(\x04\x12\x14\n\x0cinput_hashes\x18\x02 \x01(\x0c\x12\x0e\n\x06labels\x18\x03 \x03(\r\x12\x13\n\x0b\x63onfidences\x18\x04 \x03(\x02\x12\x16\n\x0emodel_versions\x18\x05 \x03(\x04\x12\x14\n\x0clatencies_us\x18\x06 \x03(\x02\x12\x15\n\rtimes_unix_ns\x18\x07 \x03(\x03\"`\n\x08\x45ventAck\x12\x12\n\nhigh_water\x18\x01 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\r\x12\x12\n\nduplicates\x18\x03 \x01(\r\x12\x1a\n\x12\x63orrections_cursor\x18\x04 \x01(\x04\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"\xd0\x01\n\x0b\x44\x65ltaHeader\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x14\n\x0c\x62\x61se_version\x18\x02 \x01(\x04\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12\r\n\x05\x63odec\x18\x04 \x01(\t\x12\'\n\x07tensors\x18\x05 \x03(\x0b\x32\x16.fedsync.v1.TensorSpec\x12\x14\n\x0cpayload_size\x18\x06 \x01(\x04\x12\x16\n\x0epayload_sha256\x18\x07 \x01(\x0c\x12\x12\n\ntrain_loss\x18\x08 \x01(\x02\x12\x0e\n\x06offset\x18\t \x01(\x04\"O\n\nDeltaChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.fedsync.v1.DeltaHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"F\n\nWholeDelta\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x17.fedsync.v1.DeltaHeader\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"\xbc\x01\n\x08\x44\x65ltaAck\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12+\n\x06status\x18\x02 \x01(\x0e\x32\x1b.fedsync.v1.DeltaAck.Status\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x19\n\x11\x64\x65ltas_high_water\x18\x04 \x01(\x04\"K\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x41\x43\x43\x45PTED\x10\x01\x12\r\n\tDUPLICATE\x10\x02\x12\x0c\n\x08REJECTED\x10\x03\"=\n\x16PullCorrectionsRequest\x12\x14\n\x0c\x61\x66ter_cursor\x18\x01 \x01(\x04\x12\r\n\x05limit\x18\x02 \x01(\r\"j\n\nCorrection\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\x04\x12\x12\n\ninput_hash\x18\x02 \x01(\x0c\x12\r\n\x05label\x18\x03 \x01(\r\x12\x12\n\nconfidence\x18\x04 \x01(\x02\x12\x15\n\rmodel_version\x18\x05 \x01(\x04\"d\n\x17PullCorrectionsResponse\x12+\n\x0b\x63orrections\x18\x01 \x03(\x0b\x32\x16.fedsync.v1.Correction\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\x04\x12\x0c\n\x04more\x18\x03 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"3\n\tModelInfo\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x15\n\rmanifest_json\x18\x02 \x01(\x0c\"\\\n\x17\x44ownloadArtifactRequest\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x12\n\nchunk_size\x18\x04 \x01(\r\"A\n\rArtifactChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x32\xfb\x03\n\x04Sync\x12<\n\x05Hello\x12\x18.fedsync.v1.HelloRequest\x1a\x19.fedsync.v1.HelloResponse\x12>\n\nPushEvents\x12\x16.fedsync.v1.EventBatch\x1a\x14.fedsync.v1.EventAck(\x01\x30\x01\x12;\n\tPushDelta\x12\x16.fedsync.v1.DeltaChunk\x1a\x14.fedsync.v1.DeltaAck(\x01\x12>\n\x0ePushWholeDelta\x12\x16.fedsync.v1.WholeDelta\x1a\x14.fedsync.v1.DeltaAck\x12Z\n\x0fPullCorrections\x12\".fedsync.v1.PullCorrectionsRequest\x1a#.fedsync.v1.PullCorrectionsResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.fedsync.v1.GetModelInfoRequest\x1a\x15.fedsync.v1.ModelInfo\x12T\n\x10\x44ownloadArtifact\x12#.fedsync.v1.DownloadArtifactRequest\x1a\x19.fedsync.v1.ArtifactChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedsync.v1.sync_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_HELLOREQUEST']._serialized_start=37
-  _globals['_HELLOREQUEST']._serialized_end=98
-  _globals['_HELLORESPONSE']._serialized_start=101
-  _globals['_HELLORESPONSE']._serialized_end=318
-  _globals['_EVENTBATCH']._serialized_start=321
-  _globals['_EVENTBATCH']._serialized_end=474
-  _globals['_EVENTACK']._serialized_start=476
-  _globals['_EVENTACK']._serialized_end=572
-  _globals['_TENSORSPEC']._serialized_start=574
-  _globals['_TENSORSPEC']._serialized_end=630
-  _globals['_DELTAHEADER']._serialized_start=633
-  _globals['_DELTAHEADER']._serialized_end=841
-  _globals['_DELTACHUNK']._serialized_start=843
-  _globals['_DELTACHUNK']._serialized_end=922
-  _globals['_WHOLEDELTA']._serialized_start=924
-  _globals['_WHOLEDELTA']._serialized_end=994
-  _globals['_DELTAACK']._serialized_start=997
-  _globals['_DELTAACK']._serialized_end=1185
-  _globals['_DELTAACK_STATUS']._serialized_start=1110
-  _globals['_DELTAACK_STATUS']._serialized_end=1185
-  _globals['_PULLCORRECTIONSREQUEST']._serialized_start=1187
-  _globals['_PULLCORRECTIONSREQUEST']._serialized_end=1248
-  _globals['_CORRECTION']._serialized_start=1250
-  _globals['_CORRECTION']._serialized_end=1356
-  _globals['_PULLCORRECTIONSRESPONSE']._serialized_start=1358
-  _globals['_PULLCORRECTIONSRESPONSE']._serialized_end=1458
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1460
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1481
-  _globals['_MODELINFO']._serialized_start=1483
-  _globals['_MODELINFO']._serialized_end=1534
-  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_start=1536
-  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_end=1628
-  _globals['_ARTIFACTCHUNK']._serialized_start=1630
-  _globals['_ARTIFACTCHUNK']._serialized_end=1695
-  _globals['_SYNC']._serialized_start=1698
-  _globals['_SYNC']._serialized_end=2205
+  _globals['_HELLOREQUEST']._serialized_start=38
+  _globals['_HELLOREQUEST']._serialized_end=178
+  _globals['_HELLORESPONSE']._serialized_start=181
+  _globals['_HELLORESPONSE']._serialized_end=481
+  _globals['_EVENTBATCH']._serialized_start=484
+  _globals['_EVENTBATCH']._serialized_end=637
+  _globals['_EVENTACK']._serialized_start=639
+  _globals['_EVENTACK']._serialized_end=735
+  _globals['_TENSORSPEC']._serialized_start=737
+  _globals['_TENSORSPEC']._serialized_end=793
+  _globals['_DELTAHEADER']._serialized_start=796
+  _globals['_DELTAHEADER']._serialized_end=1004
+  _globals['_DELTACHUNK']._serialized_start=1006
+  _globals['_DELTACHUNK']._serialized_end=1085
+  _globals['_WHOLEDELTA']._serialized_start=1087
+  _globals['_WHOLEDELTA']._serialized_end=1157
+  _globals['_DELTAACK']._serialized_start=1160
+  _globals['_DELTAACK']._serialized_end=1348
+  _globals['_DELTAACK_STATUS']._serialized_start=1273
+  _globals['_DELTAACK_STATUS']._serialized_end=1348
+  _globals['_PULLCORRECTIONSREQUEST']._serialized_start=1350
+  _globals['_PULLCORRECTIONSREQUEST']._serialized_end=1411
+  _globals['_CORRECTION']._serialized_start=1413
+  _globals['_CORRECTION']._serialized_end=1519
+  _globals['_PULLCORRECTIONSRESPONSE']._serialized_start=1521
+  _globals['_PULLCORRECTIONSRESPONSE']._serialized_end=1621
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1623
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1644
+  _globals['_MODELINFO']._serialized_start=1646
+  _globals['_MODELINFO']._serialized_end=1697
+  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_start=1699
+  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_end=1791
+  _globals['_ARTIFACTCHUNK']._serialized_start=1793
+  _globals['_ARTIFACTCHUNK']._serialized_end=1858
+  _globals['_SYNC']._serialized_start=1861
+  _globals['_SYNC']._serialized_end=2368
 # @@protoc_insertion_point(module_scope)

@@ -8,15 +8,19 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class HelloRequest(_message.Message):
-    __slots__ = ("model_version", "client_version")
+    __slots__ = ("model_version", "client_version", "events", "delta")
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     CLIENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
     model_version: int
     client_version: str
-    def __init__(self, model_version: _Optional[int] = ..., client_version: _Optional[str] = ...) -> None: ...
+    events: EventBatch
+    delta: WholeDelta
+    def __init__(self, model_version: _Optional[int] = ..., client_version: _Optional[str] = ..., events: _Optional[_Union[EventBatch, _Mapping]] = ..., delta: _Optional[_Union[WholeDelta, _Mapping]] = ...) -> None: ...
 
 class HelloResponse(_message.Message):
-    __slots__ = ("events_high_water", "deltas_high_water", "current_model_version", "delta_resume_offset", "delta_resume_sha256", "corrections_cursor", "current_manifest_json")
+    __slots__ = ("events_high_water", "deltas_high_water", "current_model_version", "delta_resume_offset", "delta_resume_sha256", "corrections_cursor", "current_manifest_json", "events_ack", "delta_ack")
     EVENTS_HIGH_WATER_FIELD_NUMBER: _ClassVar[int]
     DELTAS_HIGH_WATER_FIELD_NUMBER: _ClassVar[int]
     CURRENT_MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +28,8 @@ class HelloResponse(_message.Message):
     DELTA_RESUME_SHA256_FIELD_NUMBER: _ClassVar[int]
     CORRECTIONS_CURSOR_FIELD_NUMBER: _ClassVar[int]
     CURRENT_MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_ACK_FIELD_NUMBER: _ClassVar[int]
+    DELTA_ACK_FIELD_NUMBER: _ClassVar[int]
     events_high_water: int
     deltas_high_water: int
     current_model_version: int
@@ -31,7 +37,9 @@ class HelloResponse(_message.Message):
     delta_resume_sha256: bytes
     corrections_cursor: int
     current_manifest_json: bytes
-    def __init__(self, events_high_water: _Optional[int] = ..., deltas_high_water: _Optional[int] = ..., current_model_version: _Optional[int] = ..., delta_resume_offset: _Optional[int] = ..., delta_resume_sha256: _Optional[bytes] = ..., corrections_cursor: _Optional[int] = ..., current_manifest_json: _Optional[bytes] = ...) -> None: ...
+    events_ack: EventAck
+    delta_ack: DeltaAck
+    def __init__(self, events_high_water: _Optional[int] = ..., deltas_high_water: _Optional[int] = ..., current_model_version: _Optional[int] = ..., delta_resume_offset: _Optional[int] = ..., delta_resume_sha256: _Optional[bytes] = ..., corrections_cursor: _Optional[int] = ..., current_manifest_json: _Optional[bytes] = ..., events_ack: _Optional[_Union[EventAck, _Mapping]] = ..., delta_ack: _Optional[_Union[DeltaAck, _Mapping]] = ...) -> None: ...
 
 class EventBatch(_message.Message):
     __slots__ = ("seq", "input_hashes", "labels", "confidences", "model_versions", "latencies_us", "times_unix_ns")

@@ -75,7 +75,9 @@ class SyncServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Hello(self, request, context):
-        """Handshake: the coordinator's durable high-water marks for the calling device.
+        """Handshake: the coordinator's durable high-water marks for the calling device. A client with
+        little pending may send it along (HelloRequest.events, .delta): the whole sync is then one
+        round trip.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
