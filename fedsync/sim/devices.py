@@ -72,14 +72,22 @@ class DeviceGroup:
     """Devices `indices` of the fleet, hosted in this process."""
 
     def __init__(
-        self, config: SimulationConfig, indices: Sequence[int], shards: Mapping[int, Shard] | None = None
+        self,
+        config: SimulationConfig,
+        indices: Sequence[int],
+        shards: Mapping[int, Shard] | None = None,
+        *,
+        defer_work: bool = False,
     ) -> None:
-        """`shards`: the devices' data when the host already has it (fleet_shards(config) otherwise)."""
+        """`shards`: the devices' data when the host already has it (fleet_shards(config) otherwise).
+        `defer_work`: a round's work runs device by device right before the device syncs (see work)."""
         from client import Durability, EdgeClient
         from client.artifact_cache import ArtifactCache
         from fedsync.wire import ChannelPool
 
         self.config = config
+        self.defer_work = defer_work
+        self._deferred: tuple[int, frozenset[int] | None, int, set[int]] | None = None
         self.channels = ChannelPool()
         if shards is None:
             shards = dict(enumerate(fleet_shards(config)))
@@ -101,34 +109,62 @@ class DeviceGroup:
         """Each device with a model predicts on some of its inputs and fine-tunes once per model
         version it receives; a device's speed scales how much it gets through. With a `cohort`
         (synchronous FedAvg), only its members fine-tune, and only on `cohort_version`. Returns the
-        number of events journaled."""
+        number of events journaled.
+
+        With `defer_work`, a device does its round's work right before it syncs (nothing changes its
+        model in between, so it does exactly the same work), and a device that does not sync does it
+        at the next call of work or close: the host's training then overlaps with the
+        coordinator's handling of other hosts' syncs instead of holding up the round."""
+        if not self.defer_work:
+            return sum(self._work(device, round_index, cohort, cohort_version) for device in self.devices.values())
+        self._finish_deferred_work()
+        members = None if cohort is None else frozenset(cohort)
+        self._deferred = (round_index, members, cohort_version, set(self.devices))
+        return sum(self._events_due(device) for device in self.devices.values())
+
+    def _events_due(self, device: _Device) -> int:
+        if device.client.model_version == 0:
+            return 0
+        wanted = scaled_workload(self.config.predictions_per_round, device.schedule.speed_factor)
+        return min(wanted, len(device.shard.x))
+
+    def _work(self, device: _Device, round_index: int, cohort: Collection[int] | None, cohort_version: int) -> int:
         config = self.config
-        journaled = 0
-        for device in self.devices.values():
-            client = device.client
-            version = client.model_version
-            if version == 0:
-                continue
+        client = device.client
+        version = client.model_version
+        if version == 0:
+            return 0
+        count = self._events_due(device)
+        shard = device.shard
+        rng = np.random.default_rng([config.seed, device.index, round_index])
+        for row in rng.choice(len(shard.x), size=count, replace=False):
+            client.predict(shard.x[row])
+        trains = cohort is None or (device.index in cohort and version == cohort_version)
+        if trains and device.trained_on != version:
             speed = device.schedule.speed_factor
-            shard = device.shard
-            rng = np.random.default_rng([config.seed, device.index, round_index])
-            count = min(scaled_workload(config.predictions_per_round, speed), len(shard.x))
-            for row in rng.choice(len(shard.x), size=count, replace=False):
-                client.predict(shard.x[row])
-            journaled += count
-            trains = cohort is None or (device.index in cohort and version == cohort_version)
-            if trains and device.trained_on != version:
-                client.fine_tune(
-                    shard.x,
-                    shard.y,
-                    epochs=scaled_workload(config.local_epochs, speed),
-                    batch_size=config.batch_size,
-                    learning_rate=config.learning_rate,
-                    codec=config.codec,
-                    seed=config.seed + round_index * config.devices + device.index,
-                )
-                device.trained_on = version
-        return journaled
+            client.fine_tune(
+                shard.x,
+                shard.y,
+                epochs=scaled_workload(config.local_epochs, speed),
+                batch_size=config.batch_size,
+                learning_rate=config.learning_rate,
+                codec=config.codec,
+                seed=config.seed + round_index * config.devices + device.index,
+            )
+            device.trained_on = version
+        return count
+
+    def _deferred_work_of(self, index: int) -> None:
+        if self._deferred is not None and index in self._deferred[3]:
+            round_index, cohort, cohort_version, waiting = self._deferred
+            waiting.discard(index)
+            self._work(self.devices[index], round_index, cohort, cohort_version)
+
+    def _finish_deferred_work(self) -> None:
+        if self._deferred is not None:
+            for index in sorted(self._deferred[3]):
+                self._deferred_work_of(index)
+            self._deferred = None
 
     def sync(self, indices: Sequence[int], address: str) -> list[SyncOutcome]:
         """Sync these devices one after the other; a device whose attempt is drawn to drop loses its
@@ -138,6 +174,7 @@ class DeviceGroup:
         outcomes = []
         with pooled_channels(self.channels):
             for i in indices:
+                self._deferred_work_of(int(i))
                 device = self.devices[int(i)]
                 cut_after = device.schedule.sync_cut_point(device.sync_attempts, MAX_CUT_MESSAGES)
                 device.sync_attempts += 1
@@ -145,6 +182,7 @@ class DeviceGroup:
         return outcomes
 
     def close(self) -> None:
+        self._finish_deferred_work()
         for device in self.devices.values():
             device.client.close()
         self.channels.close()

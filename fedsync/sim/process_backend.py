@@ -10,9 +10,11 @@ TensorFlow (the devices run LiteRT, or Keras only with --local-training keras).
 
 Scheduling is the Ray backend's (fedsync.sim.ray_backend) without Ray: each worker syncs its own
 online devices, in the driver's seeded order, in batches; the driver aggregates after every
-completed batch. Reproducibility is the same as there: each device's data, connectivity, dropouts
-and training seeds are those of the local backend, but which deltas land in which version depends
-on the order concurrent batches complete.
+completed batch. A worker's devices do their round's work (predictions, fine-tuning) right before
+they sync (DeviceGroup(defer_work=True)), so that it overlaps with the coordinator's handling of
+the other workers' syncs. Reproducibility is the same as there: each device's data, connectivity,
+dropouts and training seeds are those of the local backend, but which deltas land in which version
+depends on the order concurrent batches complete.
 
 A worker is `python -m fedsync.sim.process_backend`, spoken to over a pipe of its own (pickled
 requests and replies, multiprocessing.connection framing): it imports nothing from the driver's
@@ -222,7 +224,7 @@ def _serve(requests: Connection, replies: Connection) -> None:
             break
         try:
             if method == "start":
-                group = DeviceGroup(*args)
+                group = DeviceGroup(*args, defer_work=True)
                 result: Any = None
             elif method == "close":
                 if group is not None:

@@ -61,7 +61,7 @@ class RayFleet:
             actor = ray.remote(num_cpus=1)(DeviceGroup)
             # Workers need not share the driver's working directory.
             config = dataclasses.replace(config, data_dir=Path(config.data_dir).resolve())
-            self._actors = [actor.remote(config, [int(i) for i in s]) for s in slices]
+            self._actors = [actor.remote(config, [int(i) for i in s], defer_work=True) for s in slices]
             self._owner = {int(i): a for a, s in enumerate(slices) for i in s}
         except BaseException:
             self.close()
