@@ -17,22 +17,25 @@ import contextlib
 import os
 from pathlib import Path
 
+_HEX_DIGITS = frozenset("0123456789abcdef")
+
 
 class ArtifactCache:
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self._root = str(self.root)
 
-    def _path(self, sha256: str) -> Path:
-        if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
+    def _path(self, sha256: str) -> str:
+        if len(sha256) != 64 or not _HEX_DIGITS.issuperset(sha256):
             raise ValueError(f"not a sha256 hex digest: {sha256!r}")
-        return self.root / sha256
+        return os.path.join(self._root, sha256)
 
     def link_into(self, sha256: str, size: int, target: Path) -> bool:
         """Hard-link the cached artifact to `target` (which must not exist); False on a miss."""
         source = self._path(sha256)
         try:
-            if source.stat().st_size != size:
+            if os.stat(source).st_size != size:
                 return False
             os.link(source, target)
         except OSError:  # not cached, or links impossible here: the caller downloads it

@@ -21,7 +21,7 @@ from client.artifact_cache import ArtifactCache
 from client.journal import Durability, Journal, create_tables
 from client.litert_runtime import LiteRTClassifier, check_input, check_sample
 from client.model_store import ModelStore
-from client.predictions import PREDICTION_TABLES, PredictionCache, create_prediction_tables
+from client.predictions import PREDICTION_SCHEMA, PredictionCache
 from client.process_stats import process_age_s, resident_memory_mb
 from fedsync.manifest import KERAS, TFLITE_FLOAT32, TFLITE_INT8, TFLITE_TRAINABLE, TFLITE_TRAINABLE_HEAD, Manifest
 
@@ -126,6 +126,9 @@ def shared_trainer(trainer_class: type, path: Path, sha256: str) -> Iterator[tup
                 _trainers.popitem(last=False)
 
 
+_smoke_tested: set[tuple[str, str, tuple[int, ...]]] = set()  # (kind, sha256, input shape) that passed
+
+
 def shared_classifier(kind: str, path: Path, sha256: str) -> Classifier:
     """One interpreter per model file content in this process, whatever the number of clients."""
     with _classifiers_lock:
@@ -168,7 +171,7 @@ class EdgeClient:
         self.inference_kind = INFERENCE_BACKENDS[inference]
         self.fine_tuning = fine_tuning
         self.journal = Journal(self.home / "journal.db", durability)
-        create_tables(self.journal, "predictions", PREDICTION_TABLES, lambda: create_prediction_tables(self.journal.db))
+        create_tables(self.journal, PREDICTION_SCHEMA)
         self.cache = PredictionCache(self.journal.conn, write_behind=True)
         # A PROCESS-durability device need not fsync its model files either (see client.model_store).
         self.models = ModelStore(
@@ -231,9 +234,15 @@ class EdgeClient:
             raise ValueError(
                 f"model has {classifier.num_outputs} outputs but the manifest lists {len(manifest.labels)} labels"
             )
+        # The inference is a function of the model's bytes alone: one that passed in this process
+        # (another client installing the same version, say) passes again.
+        key = (self.inference_kind, artifact.sha256, expected)
+        if key in _smoke_tested:
+            return
         probs = classifier.predict_proba(np.zeros((1, *expected), dtype=np.float32))
         if not np.all(np.isfinite(probs)):
             raise ValueError("smoke inference produced non-finite outputs")
+        _smoke_tested.add(key)
 
     # -- inference -------------------------------------------------------------------------
 
@@ -405,8 +414,10 @@ class EdgeClient:
 
     def before_sync(self) -> None:
         """Flush write-behind state, so a sync on another connection sees (and corrects) it."""
-        with self._lock, self.journal.transaction():
-            self.cache.flush()
+        with self._lock:
+            if self.cache.has_pending():
+                with self.journal.transaction():
+                    self.cache.flush()
 
     def after_sync(self) -> None:
         with self._lock:

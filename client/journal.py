@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
+import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -64,7 +66,6 @@ class JournalDelta:
 
 _EVENT_COLUMNS = "seq, input_hash, label, confidence, model_version, latency_us, time_ns"
 _INSERT_EVENT = f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
-JOURNAL_TABLES = frozenset({"events", "deltas", "meta", "inference_stats", "delta_acks", "codec_residuals"})
 _DELTA_COLUMNS = "seq, base_version, num_examples, codec, tensor_specs, payload, payload_sha256, train_loss, created_ns"
 
 
@@ -80,33 +81,93 @@ def table_names(conn: sqlite3.Connection) -> set[str]:
     return {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
 
 
-_SCHEMA_SCRIPTS: dict[str, list[str]] = {}  # per process: the DDL that `build` ran on a new journal
+# A table as sqlite-utils' Table.create takes it: columns (name -> Python type), primary key, NOT NULL columns.
+TableSpec = tuple[dict[str, type], str | tuple[str, ...], frozenset[str]]
+
+JOURNAL_SCHEMA: dict[str, TableSpec] = {
+    "events": (
+        {
+            "seq": int,
+            "input_hash": bytes,
+            "label": int,
+            "confidence": float,
+            "model_version": int,
+            "latency_us": float,
+            "time_ns": int,
+        },
+        "seq",
+        frozenset({"input_hash", "label", "confidence", "model_version", "time_ns"}),
+    ),
+    "deltas": (
+        {
+            "seq": int,
+            "base_version": int,
+            "num_examples": int,
+            "codec": str,
+            "tensor_specs": str,
+            "payload": bytes,
+            "payload_sha256": bytes,
+            "train_loss": float,
+            "created_ns": int,
+        },
+        "seq",
+        frozenset({"base_version", "num_examples", "codec", "tensor_specs", "payload"}),
+    ),
+    "meta": ({"key": str, "value": int}, "key", frozenset()),
+    "inference_stats": (
+        {"seq": int, "kind": str, "latency_us": float, "rss_mb": float, "cold_start_s": float},
+        "seq",
+        frozenset(),
+    ),
+    # Kept apart from the deltas rows: updating a row rewrites its (possibly large) payload.
+    "delta_acks": ({"seq": int, "status": str, "reason": str}, "seq", frozenset()),
+    # Error feedback for lossy codecs: what quantization left out, sent with the next delta.
+    "codec_residuals": ({"name": str, "shape": str, "residual": bytes}, "name", frozenset({"shape", "residual"})),
+}
+JOURNAL_TABLES = frozenset(JOURNAL_SCHEMA)
+_SQL_TYPES = {int: "INTEGER", float: "REAL", str: "TEXT", bytes: "BLOB"}
 
 
-def create_tables(journal: Journal, key: str, tables: frozenset[str], build: Callable[[], None]) -> None:
-    """Create the missing `tables` with `build` (sqlite-utils, which adds the missing ones of an
-    older journal), in one transaction. On a journal that has none of them yet, the first call of a
-    process records the statements `build` ran and later calls replay them: sqlite-utils' schema
-    introspection costs more than the rest of creating a device (~4 ms), which adds up in a fleet."""
-    have = journal.table_names()
-    if have >= tables:
+def create_table_sql(name: str, spec: TableSpec) -> str:
+    """The statement sqlite-utils' Table.create runs for `spec` (tests/test_journal.py checks it
+    still is), without importing sqlite-utils (~60 ms a process) or its introspection (~4 ms a journal)."""
+    columns, pk, not_null = spec
+    lines = [
+        f'"{column}" {_SQL_TYPES[kind]}' + " PRIMARY KEY" * (column == pk) + " NOT NULL" * (column in not_null)
+        for column, kind in columns.items()
+    ]
+    if isinstance(pk, tuple):
+        lines.append("PRIMARY KEY (" + ", ".join(f'"{column}"' for column in pk) + ")")
+    return f'CREATE TABLE "{name}" (\n   ' + ",\n   ".join(lines) + "\n)"
+
+
+def create_tables(journal: Journal, schema: Mapping[str, TableSpec]) -> None:
+    """Create the tables of `schema` the journal lacks (an older journal gains the newer ones), in
+    one transaction."""
+    if schema.keys() <= journal.table_names():
         return
-    fresh = not (have & tables)
-    script = _SCHEMA_SCRIPTS.get(key) if fresh else None
-    conn = journal.conn
     with journal.transaction():
-        if script is not None:
-            for statement in script:
-                conn.execute(statement)
-            return
-        before = {sql for (sql,) in conn.execute("SELECT sql FROM sqlite_master WHERE sql IS NOT NULL")}
-        build()
-        if fresh:
-            _SCHEMA_SCRIPTS[key] = [
-                sql
-                for (sql,) in conn.execute("SELECT sql FROM sqlite_master WHERE sql IS NOT NULL ORDER BY rowid")
-                if sql not in before
-            ]
+        have = journal.table_names()  # again: another process may have created them meanwhile
+        for name, spec in schema.items():
+            if name not in have:
+                journal.conn.execute(create_table_sql(name, spec))
+
+
+# Per process: the open create=True journal of each file. It keeps one idle connection that a
+# closed create=False journal of the file (a sync session's, say) hands back for the next one to
+# use: opening a connection costs ~0.1 ms, more than a sync's queries on it.
+_owners: dict[str, Journal] = {}
+_owners_lock = threading.Lock()
+_CLOSED = sqlite3.connect(":memory:", check_same_thread=False)
+_CLOSED.close()  # what a journal that handed its connection back holds: any use raises, as after close()
+
+
+def _reusable(conn: sqlite3.Connection) -> bool:
+    """Idle, and as open_connection left it (a sync may turn on memory mapping)."""
+    try:
+        return not conn.in_transaction and conn.execute("PRAGMA mmap_size").fetchone()[0] == 0
+    except sqlite3.Error:
+        return False
 
 
 class Journal:
@@ -116,16 +177,29 @@ class Journal:
         that each run transactions)."""
         self.path = Path(path)
         self.durability = durability
-        self.conn = open_connection(self.path, durability)
+        self._key = os.fspath(self.path)
+        self._spare: sqlite3.Connection | None = None
+        conn = None if create else self._take_spare()
+        self.conn = conn if conn is not None else open_connection(self.path, durability)
         self._db: sqlite_utils.Database | None = None
         self._last_seq: int | None = None
         if create:
             self._create_schema()
+            with _owners_lock:
+                _owners.setdefault(self._key, self)
+
+    def _take_spare(self) -> sqlite3.Connection | None:
+        with _owners_lock:
+            owner = _owners.get(self._key)
+            if owner is None or owner.durability is not self.durability:
+                return None
+            spare, owner._spare = owner._spare, None
+            return spare
 
     @property
     def db(self) -> sqlite_utils.Database:
         """A sqlite_utils view of the connection, for schema work. Imported on first use: it adds
-        ~60 ms to a process start, and an existing journal never needs it."""
+        ~60 ms to a process start, and the journal's own tables never need it (see create_tables)."""
         if self._db is None:
             import sqlite_utils
 
@@ -136,56 +210,7 @@ class Journal:
         return table_names(self.conn)
 
     def _create_schema(self) -> None:
-        create_tables(self, "journal", JOURNAL_TABLES, self._build_schema)
-
-    def _build_schema(self) -> None:
-        """Each table created when missing: an older journal gains the newer ones."""
-        db = self.db
-        if "events" not in db.table_names():
-            db["events"].create(
-                {
-                    "seq": int,
-                    "input_hash": bytes,
-                    "label": int,
-                    "confidence": float,
-                    "model_version": int,
-                    "latency_us": float,
-                    "time_ns": int,
-                },
-                pk="seq",
-                not_null={"input_hash", "label", "confidence", "model_version", "time_ns"},
-            )
-        if "deltas" not in db.table_names():
-            db["deltas"].create(
-                {
-                    "seq": int,
-                    "base_version": int,
-                    "num_examples": int,
-                    "codec": str,
-                    "tensor_specs": str,
-                    "payload": bytes,
-                    "payload_sha256": bytes,
-                    "train_loss": float,
-                    "created_ns": int,
-                },
-                pk="seq",
-                not_null={"base_version", "num_examples", "codec", "tensor_specs", "payload"},
-            )
-        if "meta" not in db.table_names():
-            db["meta"].create({"key": str, "value": int}, pk="key")
-        if "inference_stats" not in db.table_names():
-            db["inference_stats"].create(
-                {"seq": int, "kind": str, "latency_us": float, "rss_mb": float, "cold_start_s": float},
-                pk="seq",
-            )
-        if "delta_acks" not in db.table_names():
-            # Kept apart from the deltas rows: updating a row rewrites its (possibly large) payload.
-            db["delta_acks"].create({"seq": int, "status": str, "reason": str}, pk="seq")
-        if "codec_residuals" not in db.table_names():
-            # Error feedback for lossy codecs: what quantization left out, sent with the next delta.
-            db["codec_residuals"].create(
-                {"name": str, "shape": str, "residual": bytes}, pk="name", not_null={"shape", "residual"}
-            )
+        create_tables(self, JOURNAL_SCHEMA)
 
     # -- transactions -------------------------------------------------------------------------
 
@@ -204,6 +229,15 @@ class Journal:
     def set_meta(self, key: str, value: int) -> None:
         self.conn.execute(
             "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    def _raise_meta(self, key: str, value: int) -> None:
+        """set_meta for a mark that never moves backwards: one statement, whatever another
+        connection wrote since this one read it."""
+        self.conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value WHERE excluded.value > meta.value",
             (key, value),
         )
 
@@ -261,9 +295,9 @@ class Journal:
 
     def ack_events(self, high_water: int) -> None:
         """Record the coordinator's durable mark; it never moves backwards."""
-        with self.transaction():
-            if high_water > self.events_acked():
-                self.set_meta("events_acked", high_water)
+        # Most acks repeat the mark: then a read, and no write transaction.
+        if high_water > self.events_acked():
+            self._raise_meta("events_acked", high_water)
 
     def pending_event_count(self) -> int:
         acked = self.events_acked()
@@ -318,11 +352,11 @@ class Journal:
     ) -> int:
         """Journal a delta; extra_statements run in the same transaction (e.g. codec residuals)."""
         with self.transaction():
-            seq = self.conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM deltas").fetchone()[0]
-            self.conn.execute(
+            # seq is the rowid: NULL makes it MAX(seq) + 1 (1 in an empty table).
+            seq = self.conn.execute(
                 f"INSERT INTO deltas ({_DELTA_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
-                    seq,
+                    None,
                     base_version,
                     num_examples,
                     codec,
@@ -332,7 +366,7 @@ class Journal:
                     train_loss,
                     time.time_ns(),
                 ),
-            )
+            ).lastrowid
             for sql, params in extra_statements:
                 self.conn.execute(sql, params)
         return int(seq)
@@ -371,8 +405,7 @@ class Journal:
     def ack_delta(self, seq: int, status: str, reason: str = "") -> None:
         with self.transaction():
             self.conn.execute("INSERT OR REPLACE INTO delta_acks VALUES (?, ?, ?)", (seq, status, reason))
-            if seq > self.deltas_acked():
-                self.set_meta("deltas_acked", seq)
+            self._raise_meta("deltas_acked", seq)
 
     def delta_status(self, seq: int) -> tuple[str, str]:
         """(status, reason): "pending" until acknowledged, then "sent" or "rejected"."""
@@ -419,7 +452,18 @@ class Journal:
         return self.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
     def close(self) -> None:
-        self.conn.close()
+        conn, spare = self.conn, None
+        with _owners_lock:
+            owner = _owners.get(self._key)
+            if owner is self:
+                del _owners[self._key]
+                spare, self._spare = self._spare, None
+            elif owner is not None and owner._spare is None and owner.durability is self.durability and _reusable(conn):
+                owner._spare, self.conn = conn, _CLOSED
+                return
+        if spare is not None:
+            spare.close()
+        conn.close()
 
 
 class _Transaction:

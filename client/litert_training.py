@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -67,6 +67,61 @@ def _check_lr(lr: Any) -> np.ndarray:
     return np.asarray(value, dtype=np.float32)
 
 
+class _Signature:
+    """Runs one signature like LiteRT's SignatureRunner, which resizes every input and re-allocates
+    the subgraph on each call: here that happens only when an input's shape differs from the last
+    call's (the native calls are no-ops then, but their Python side costs more than a small Invoke)."""
+
+    __slots__ = ("_inputs", "_outputs", "_shapes", "_subgraph", "_wrapper")
+
+    def __init__(self, wrapper: Any, subgraph: int, inputs: Mapping[str, int], outputs: Mapping[str, int]) -> None:
+        self._wrapper = wrapper
+        self._subgraph = subgraph
+        self._inputs = dict(inputs)
+        self._outputs = tuple(outputs.items())
+        self._shapes: dict[str, tuple[int, ...]] | None = None  # as allocated; None: allocate first
+
+    @classmethod
+    def wrap(cls, runner: Any) -> Callable[..., dict[str, np.ndarray]]:
+        """The runner itself where this LiteRT's SignatureRunner lacks the internals used here."""
+        try:
+            return cls(runner._interpreter_wrapper, runner._subgraph_index, runner._inputs, dict(runner._outputs))
+        except (AttributeError, TypeError):
+            return runner
+
+    def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        wrapper, subgraph, indices = self._wrapper, self._subgraph, self._inputs
+        shapes, ready = self._shapes, False
+        if shapes is not None and len(inputs) == len(shapes):
+            ready = True
+            for name, value in inputs.items():
+                if shapes.get(name) != value.shape:
+                    ready = False
+                    break
+        try:
+            if not ready:
+                self._allocate(inputs)
+            for name, value in inputs.items():
+                wrapper.SetTensor(indices[name], value, subgraph)
+            wrapper.Invoke(subgraph)
+        except BaseException:
+            self._shapes = None  # whatever state a failure left: the next call allocates again
+            raise
+        return {name: wrapper.GetTensor(index, subgraph) for name, index in self._outputs}
+
+    def _allocate(self, inputs: Mapping[str, np.ndarray]) -> None:
+        if inputs.keys() != self._inputs.keys():
+            raise ValueError(f"signature inputs are {sorted(self._inputs)}, got {sorted(inputs)}")
+        allocated, self._shapes = self._shapes, None
+        for name, value in inputs.items():
+            # Resizing an allocated input to its current shape is a no-op in LiteRT.
+            if allocated is None or allocated[name] != value.shape:
+                shape = np.array(value.shape, dtype=np.int32)
+                self._wrapper.ResizeInputTensor(self._inputs[name], shape, False, self._subgraph)
+        self._wrapper.AllocateTensors(self._subgraph)
+        self._shapes = {name: value.shape for name, value in inputs.items()}
+
+
 class _SignatureTrainer:
     """Shared runtime of the trainable models (``infer`` / ``train`` / ``get_weights`` /
     ``set_weights`` signatures, SGD state in TFLite resource variables).
@@ -114,9 +169,9 @@ class _SignatureTrainer:
                 f"found signatures {sorted(available)}){hint}"
             )
         try:
-            self._runners = {name: self._interpreter.get_signature_runner(name) for name in signatures}
-            set_in = self._runners["set_weights"].get_input_details()
-            infer_in = self._runners["infer"].get_input_details()
+            runners = {name: self._interpreter.get_signature_runner(name) for name in signatures}
+            set_in = runners["set_weights"].get_input_details()
+            infer_in = runners["infer"].get_input_details()
         except Exception as exc:
             raise ModelFormatError(f"{self._KIND}: cannot prepare signatures ({_one_line(exc)})") from exc
         self.weight_shapes: dict[str, tuple[int, ...]] = {
@@ -125,6 +180,9 @@ class _SignatureTrainer:
         self.num_classes: int = self.weight_shapes[self._CLASSES_FROM][0]
         self.input_shape: tuple[int, ...] = tuple(int(d) for d in infer_in["x"]["shape_signature"])
         self._feature_shape = self.input_shape[1:]
+        self._runners: dict[str, Callable[..., dict[str, np.ndarray]]] = {
+            name: _Signature.wrap(runner) for name, runner in runners.items()
+        }
 
     def _run(self, name: str, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         with self._lock:
@@ -175,14 +233,20 @@ class _SignatureTrainer:
         if int(epochs) < 0 or int(batch_size) < 1:
             raise ValueError(f"need epochs >= 0 and batch_size >= 1, got {epochs} and {batch_size}")
         rng = np.random.default_rng(seed)
+        size = int(batch_size)
+        train = self._runners["train"]
         history: list[float] = []
-        for _ in range(int(epochs)):
-            order = rng.permutation(n)
-            total = 0.0
-            for start in range(0, n, int(batch_size)):
-                idx = order[start : start + int(batch_size)]
-                total += self._train(data[idx], labels[idx], rate) * len(idx)
-            history.append(total / n)
+        with self._lock:
+            for _ in range(int(epochs)):
+                order = rng.permutation(n)
+                # One gather per epoch; each batch is then a contiguous row slice of it.
+                shuffled_x, shuffled_y = data[order], labels[order]
+                total = 0.0
+                for start in range(0, n, size):
+                    x_batch = shuffled_x[start : start + size]
+                    loss = train(x=x_batch, y=shuffled_y[start : start + size], lr=rate)["loss"]
+                    total += float(loss) * len(x_batch)
+                history.append(total / n)
         return history
 
     def get_weights(self) -> dict[str, np.ndarray]:

@@ -14,6 +14,7 @@ next sync fetches them again).
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -35,6 +36,25 @@ GOOD = "GOOD"  # versions that passed their smoke test, newest last
 
 FetchArtifact = Callable[[Artifact, Path], None]  # writes (or resumes writing) the artifact at the path
 SmokeTest = Callable[[Path, Manifest], None]  # raises when the installed version cannot serve
+
+
+_PARSED: dict[bytes, Manifest] = {}  # per process: the devices of a simulation install the same manifests
+_PARSED_MAX = 8
+
+
+def _parse(manifest_json: bytes) -> Manifest:
+    """Manifest.from_json, memoized by the bytes (a Manifest is never modified once parsed)."""
+    key = bytes(manifest_json)
+    manifest = _PARSED.get(key)
+    if manifest is None:
+        manifest = Manifest.from_json(key)
+        if len(_PARSED) >= _PARSED_MAX:
+            del _PARSED[next(iter(_PARSED))]
+        _PARSED[key] = manifest
+    return manifest
+
+
+_Scan = tuple[set[str], list[int], list[tuple[int, str]]]  # see ModelStore._scan
 
 
 class InstallError(RuntimeError):
@@ -63,9 +83,11 @@ class ModelStore:
         self.artifact_cache = artifact_cache
         self.shared_bytes = 0
         self.root.mkdir(parents=True, exist_ok=True)
-        # This object is the store's only writer: what it last read or wrote of CURRENT and of the
-        # (immutable) manifests stays true until it changes them itself.
+        # This object is the store's only writer: what it last read or wrote of CURRENT, GOOD and the
+        # (immutable) manifests stays true until it changes them itself. Which folders exist is
+        # always read from disk.
         self._current: int | None = None
+        self._good: list[int] | None = None  # GOOD as written, before dropping versions that are gone
         self._manifests: dict[int, Manifest] = {}
         if not durable:
             self._roll_back_incomplete()
@@ -77,7 +99,7 @@ class ModelStore:
             try:
                 self._current = int((self.root / CURRENT).read_text().strip() or 0)
             except FileNotFoundError:
-                return 0
+                self._current = 0
         return self._current
 
     def version_dir(self, version: int) -> Path:
@@ -91,7 +113,7 @@ class ModelStore:
         path = self.version_dir(version) / MANIFEST_NAME
         if version == 0 or not path.exists():
             return None
-        manifest = Manifest.from_json(path.read_bytes())
+        manifest = _parse(path.read_bytes())
         self._manifests[version] = manifest
         return manifest
 
@@ -113,11 +135,35 @@ class ModelStore:
         return sorted(versions)
 
     def good_versions(self) -> list[int]:
-        try:
-            text = (self.root / GOOD).read_text()
-        except FileNotFoundError:
-            return []
-        return [int(v) for v in text.split() if v.isdigit() and self.version_dir(int(v)).exists()]
+        return [v for v in self._good_listed() if self.version_dir(v).exists()]
+
+    def _good_listed(self) -> list[int]:
+        if self._good is None:
+            try:
+                text = (self.root / GOOD).read_text()
+            except FileNotFoundError:
+                text = ""
+            self._good = [int(v) for v in text.split() if v.isdigit()]
+        return self._good
+
+    def _write_good(self, good: list[int]) -> None:
+        self._good = None  # unknown until the write is through
+        write_atomically(self.root / GOOD, " ".join(map(str, good)).encode(), durable=self.durable)
+        self._good = good
+
+    def _scan(self) -> _Scan:
+        """One read of the store's folder: every name in it, the installed versions (sorted) and
+        the staging folders (version, name)."""
+        names, installed, staging = set(), [], []
+        with os.scandir(self.root) as entries:
+            for entry in entries:
+                name = entry.name
+                names.add(name)
+                if name.startswith("v") and name[1:].isdigit() and entry.is_dir():
+                    installed.append(int(name[1:]))
+                elif name.startswith(".staging-v") and name[len(".staging-v") :].isdigit():
+                    staging.append((int(name[len(".staging-v") :]), name))
+        return names, sorted(installed), staging
 
     # -- installing ----------------------------------------------------------------------------
 
@@ -130,7 +176,7 @@ class ModelStore:
     ) -> int:
         """Install the version the manifest describes, with the artifacts of the given kinds."""
         try:
-            manifest = Manifest.from_json(manifest_json)
+            manifest = _parse(manifest_json)
         except ManifestError as exc:
             raise InstallError(str(exc)) from None
         wanted_kinds = set(kinds)
@@ -138,58 +184,78 @@ class ModelStore:
         if not wanted:
             raise InstallError(f"version {manifest.version} has none of the artifact kinds {sorted(wanted_kinds)}")
         final = self.version_dir(manifest.version)
-        if final.exists() and not self.durable and not self._intact(manifest.version):
+        installed = final.exists()
+        if installed and not self.durable and not self._intact(manifest.version):
             self._remove(manifest.version)  # left incomplete by a power cut: fetch it again
-        if not final.exists():
+            installed = False
+        if not installed:
             try:
                 self._stage(manifest, manifest_json, wanted, fetch, final)
             except OSError as exc:  # a full disk, say: the current version stays, the staged part may resume
                 raise InstallError(f"could not store version {manifest.version}: {exc.strerror or exc}") from None
+            self._manifests[manifest.version] = manifest  # the bytes just written there
         try:
             smoke_test(final, manifest)
         except Exception as exc:
             self._remove(manifest.version)
             raise InstallError(f"version {manifest.version} failed its smoke test: {exc}") from exc
-        self._switch(manifest.version)
-        self.prune()
+        scan = self._scan()
+        self._switch(manifest.version, scan[0])
+        self._prune(self.keep_versions, scan)
         return manifest.version
 
     def _stage(
         self, manifest: Manifest, manifest_json: bytes, wanted: list[Artifact], fetch: FetchArtifact, final: Path
     ) -> None:
         staging = self.root / f".staging-v{manifest.version}"
-        staging.mkdir(exist_ok=True)
+        try:
+            staging.mkdir()
+            resumed = False
+        except FileExistsError:  # an interrupted install of this version: what it holds may be resumed
+            resumed = True
+        unshared = []
         for artifact in wanted:
             path = staging / artifact.name
-            self._obtain(artifact, path, fetch)
+            if not self._obtain(artifact, path, fetch, resumed):
+                unshared.append(artifact)
             if self.durable:
                 fsync_path(path)
         # The bytes as published (they parsed into `manifest`), not a re-serialization: the same file
         # as the coordinator's, and encoding a manifest costs more than the rest of an install.
-        write_atomically(staging / MANIFEST_NAME, manifest_json, durable=self.durable)
+        # Written in place: only the rename of the whole folder below publishes it.
+        with open(staging / MANIFEST_NAME, "wb") as f:
+            f.write(manifest_json)
+            if self.durable:
+                f.flush()
+                os.fsync(f.fileno())
+        if self.durable:
+            fsync_path(staging)
         staging.rename(final)
         if self.durable:
             fsync_path(self.root)
         if self.artifact_cache is not None:
-            for artifact in wanted:
+            for artifact in unshared:
                 self.artifact_cache.add(final / artifact.name, artifact.sha256)
 
-    def _obtain(self, artifact: Artifact, path: Path, fetch: FetchArtifact) -> None:
-        """The verified artifact at `path`: what staging already holds, a shared copy, or a fetch."""
-        if path.exists() and path.stat().st_size == artifact.size:
+    def _obtain(self, artifact: Artifact, path: Path, fetch: FetchArtifact, resumed: bool) -> bool:
+        """The verified artifact at `path`: what staging already holds, a shared copy, or a fetch.
+        True when it is the shared copy. A staging folder this install created holds nothing yet."""
+        exists = resumed and path.exists()
+        if exists and path.stat().st_size == artifact.size:
             self._verify(path, artifact)
-            return
+            return False
         cache = self.artifact_cache
-        if cache is not None and not path.exists() and cache.link_into(artifact.sha256, artifact.size, path):
+        if cache is not None and not exists and cache.link_into(artifact.sha256, artifact.size, path):
             try:
                 self._verify(path, artifact)
             except InstallError:
                 pass  # a damaged shared copy (now unlinked here): fetch this store's own
             else:
                 self.shared_bytes += artifact.size
-                return
+                return True
         fetch(artifact, path)
         self._verify(path, artifact)
+        return False
 
     @staticmethod
     def _verify(path: Path, artifact: Artifact) -> None:
@@ -202,9 +268,13 @@ class ModelStore:
             path.unlink()
             raise InstallError(f"{artifact.name}: sha256 {digest[:12]}… does not match the manifest")
 
-    def _switch(self, version: int) -> None:
-        good = [v for v in self.good_versions() if v != version] + [version]
-        write_atomically(self.root / GOOD, " ".join(map(str, good)).encode(), durable=self.durable)
+    def _switch(self, version: int, names: set[str]) -> None:
+        """`names`: what the store's folder holds (see _scan), for GOOD to keep only existing versions."""
+        self._write_good([v for v in self._good_listed() if v != version and f"v{v}" in names] + [version])
+        self._write_current(version)
+
+    def _write_current(self, version: int) -> None:
+        self._current = None
         write_atomically(self.root / CURRENT, str(version).encode(), durable=self.durable)
         self._current = version
 
@@ -216,10 +286,9 @@ class ModelStore:
         """Go back to the newest good version before the current one; returns it (0: none left)."""
         current = self.current_version()
         good = [v for v in self.good_versions() if v != current]
-        write_atomically(self.root / GOOD, " ".join(map(str, good)).encode(), durable=self.durable)
+        self._write_good(good)
         previous = good[-1] if good else 0
-        write_atomically(self.root / CURRENT, str(previous).encode(), durable=self.durable)
-        self._current = previous
+        self._write_current(previous)
         return previous
 
     def _intact(self, version: int) -> bool:
@@ -242,20 +311,22 @@ class ModelStore:
 
     def prune(self, keep_versions: int | None = None) -> list[int]:
         """Remove all but the newest good versions (and leftover staging folders); returns what went."""
-        keep = self.keep_versions if keep_versions is None else keep_versions
-        keep_set = set(self.good_versions()[-keep:]) | {self.current_version()}
+        return self._prune(self.keep_versions if keep_versions is None else keep_versions, self._scan())
+
+    def _prune(self, keep: int, scan: _Scan) -> list[int]:
+        names, installed, staging = scan
+        current = self.current_version()
+        keep_set = set([v for v in self._good_listed() if f"v{v}" in names][-keep:]) | {current}
         removed = []
-        for version in self.installed_versions():
+        for version in installed:
             if version not in keep_set:
                 self._remove(version)
                 removed.append(version)
-        current = self.current_version()
-        for child in self.root.glob(".staging-v*"):
-            suffix = child.name[len(".staging-v") :]
+        for version, name in staging:
             # Leftovers of installed versions, and partial downloads of versions older than the current
             # one (sync only installs newer versions, so those will never be resumed).
-            if suffix.isdigit() and (int(suffix) in keep_set or int(suffix) <= current):
-                shutil.rmtree(child, ignore_errors=True)
+            if version in keep_set or version <= current:
+                shutil.rmtree(self.root / name, ignore_errors=True)
         return removed
 
     def storage_report(self) -> list[StoredArtifact]:

@@ -9,7 +9,21 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import sqlite_utils
 
-PREDICTION_TABLES = frozenset({"prediction_cache", "corrections"})
+    from client.journal import TableSpec
+
+PREDICTION_SCHEMA: dict[str, TableSpec] = {  # created in the journal's database (client.journal.create_tables)
+    "prediction_cache": (
+        {"input_hash": bytes, "model_version": int, "label": int, "confidence": float, "corrected": int},
+        ("input_hash", "model_version"),
+        frozenset({"label", "confidence", "corrected"}),
+    ),
+    "corrections": (
+        {"input_hash": bytes, "label": int, "confidence": float, "model_version": int, "cursor": int},
+        "input_hash",
+        frozenset(),
+    ),
+}
+PREDICTION_TABLES = frozenset(PREDICTION_SCHEMA)
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,17 +43,9 @@ class StoredCorrection:
 
 
 def create_prediction_tables(db: sqlite_utils.Database) -> None:
-    if "prediction_cache" not in db.table_names():
-        db["prediction_cache"].create(
-            {"input_hash": bytes, "model_version": int, "label": int, "confidence": float, "corrected": int},
-            pk=("input_hash", "model_version"),
-            not_null={"label", "confidence", "corrected"},
-        )
-    if "corrections" not in db.table_names():
-        db["corrections"].create(
-            {"input_hash": bytes, "label": int, "confidence": float, "model_version": int, "cursor": int},
-            pk="input_hash",
-        )
+    for name, (columns, pk, not_null) in PREDICTION_SCHEMA.items():
+        if name not in db.table_names():
+            db[name].create(columns, pk=pk, not_null=not_null)
 
 
 class PredictionCache:
@@ -78,6 +84,9 @@ class PredictionCache:
 
     def flush_due(self) -> bool:
         return len(self._pending) >= self.FLUSH_EVERY
+
+    def has_pending(self) -> bool:
+        return bool(self._pending)
 
     def get(self, input_hash: bytes, model_version: int) -> CachedPrediction | None:
         pending = self._pending.get((input_hash, model_version))

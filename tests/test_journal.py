@@ -378,32 +378,95 @@ def _schema(path: Path) -> list[tuple[str, str]]:
         conn.close()
 
 
-def test_new_journals_replay_the_schema_sqlite_utils_built_and_old_ones_gain_missing_tables(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import client.journal as journal_module
+def test_new_journals_get_the_tables_sqlite_utils_builds_and_old_ones_gain_missing_tables(tmp_path: Path) -> None:
+    import sqlite_utils
+
     from client import EdgeClient
+    from client.journal import JOURNAL_SCHEMA
+    from client.predictions import PREDICTION_SCHEMA
 
-    monkeypatch.setattr(journal_module, "_SCHEMA_SCRIPTS", {})
-    first = EdgeClient(tmp_path / "first", "first", fine_tuning=None)  # built by sqlite-utils, recorded
-    first.close()
-    assert set(journal_module._SCHEMA_SCRIPTS) == {"journal", "predictions"}
-    built = 0
+    conn = sqlite3.connect(tmp_path / "built.db")
+    db = sqlite_utils.Database(conn)
+    for name, (columns, pk, not_null) in {**JOURNAL_SCHEMA, **PREDICTION_SCHEMA}.items():
+        db[name].create(columns, pk=pk, not_null=not_null)
+    conn.close()
+    EdgeClient(tmp_path / "client", "client", fine_tuning=None).close()
+    path = tmp_path / "client" / "journal.db"
+    assert _schema(path) == _schema(tmp_path / "built.db")
 
-    def counting(self: Journal) -> None:
-        nonlocal built
-        built += 1
-
-    monkeypatch.setattr(Journal, "_build_schema", counting)
-    second = EdgeClient(tmp_path / "second", "second", fine_tuning=None)  # replayed
-    second.close()
-    assert built == 0
-    assert _schema(tmp_path / "second" / "journal.db") == _schema(tmp_path / "first" / "journal.db")
-
-    # A journal from before a table existed gets just that table, from sqlite-utils.
-    monkeypatch.undo()
-    conn = sqlite3.connect(tmp_path / "second" / "journal.db")
+    # A journal from before a table existed gets just that table.
+    conn = sqlite3.connect(path)
     conn.execute("DROP TABLE codec_residuals")
     conn.close()
-    Journal(tmp_path / "second" / "journal.db").close()
-    assert _schema(tmp_path / "second" / "journal.db") == _schema(tmp_path / "first" / "journal.db")
+    Journal(path).close()
+    assert _schema(path) == _schema(tmp_path / "built.db")
+
+
+def test_creating_a_client_does_not_import_sqlite_utils(tmp_path: Path) -> None:
+    code = f"from client import EdgeClient; EdgeClient({str(tmp_path / 'c')!r}, 'c', fine_tuning=None).close(); "
+    code += "import sys; assert 'sqlite_utils' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
+
+
+def test_marks_raised_by_another_connection_are_kept(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    mine, other = Journal(path), Journal(path, create=False)
+    try:
+        for i in range(3):
+            mine.append_delta(1, 1, "float32", "[]", bytes([i]), 0.0)
+        other.ack_events(8)
+        other.ack_delta(3, "sent")
+        mine.ack_events(5)
+        mine.ack_delta(2, "sent")
+        assert (mine.events_acked(), mine.deltas_acked()) == (8, 3)
+        assert mine.delta_status(2) == ("sent", "")
+        mine._raise_meta("events_acked", 6)  # what an ack read before the other's write does
+        assert other.events_acked() == 8
+    finally:
+        mine.close()
+        other.close()
+
+
+def test_a_closed_second_connection_is_kept_for_the_next_one_while_the_journal_is_open(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    owner = Journal(path, Durability.PROCESS)
+    first = Journal(path, Durability.PROCESS, create=False)
+    conn = first.conn
+    first.append_events([_row(1)])
+    first.close()
+    with pytest.raises(sqlite3.ProgrammingError):  # closed for this journal, as before
+        first.last_event_seq()
+    second = Journal(path, Durability.PROCESS, create=False)
+    assert second.conn is conn and second.last_event_seq() == 1
+    third = Journal(path, Durability.PROCESS, create=False)  # the spare is taken: a connection of its own
+    assert third.conn is not conn
+    third.conn.execute("PRAGMA mmap_size = 4096")  # not as open_connection left it: not kept
+    third.close()
+    third.close()
+    other = Journal(path, Durability.POWER, create=False)  # other settings: never the spare
+    assert other.conn is not conn
+    other.close()
+    second.close()
+    owner.close()  # closes the spare too
+    with pytest.raises(sqlite3.ProgrammingError):
+        conn.execute("SELECT 1")
+    alone = Journal(path, Durability.PROCESS, create=False)  # no open owner: closes for real
+    kept = alone.conn
+    alone.close()
+    with pytest.raises(sqlite3.ProgrammingError):
+        kept.execute("SELECT 1")
+
+
+def test_a_connection_closed_inside_a_transaction_is_not_kept(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    owner = Journal(path)
+    try:
+        second = Journal(path, create=False)
+        conn = second.conn
+        conn.execute("BEGIN IMMEDIATE")
+        second.close()  # rolls the transaction back, as closing always did
+        with pytest.raises(sqlite3.ProgrammingError):
+            conn.execute("SELECT 1")
+        owner.append_events([_row(1)])  # the write lock is free
+    finally:
+        owner.close()

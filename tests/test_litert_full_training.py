@@ -316,3 +316,35 @@ def test_litert_only_process_trains_without_tensorflow(full_bytes, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "ok ['head/bias', 'head/kernel', 'hidden/bias', 'hidden/kernel']"
+
+
+def test_fit_takes_the_steps_litert_signature_runners_take(full_bytes, digits):
+    """fit re-allocates the interpreter only when a batch's shape changes (LiteRT's own runner does
+    on every call): the same steps give the same numbers, bit for bit."""
+    x_train, _, y_train, _ = digits
+    x, y = x_train[:40], y_train[:40]
+    trainer = LiteRTTrainer(full_bytes)
+    history = trainer.fit(x, y, lr=0.3, epochs=3, batch_size=16, seed=5)  # batches of 16, 16 and 8
+    plain = Interpreter(model_content=full_bytes, num_threads=1)
+    train, infer = plain.get_signature_runner("train"), plain.get_signature_runner("infer")
+    rng = np.random.default_rng(5)
+    expected = []
+    for _ in range(3):
+        order = rng.permutation(len(x))
+        total = 0.0
+        for start in range(0, len(x), 16):
+            idx = order[start : start + 16]
+            total += float(train(x=x[idx], y=y[idx], lr=np.asarray(0.3, np.float32))["loss"]) * len(idx)
+        expected.append(total / len(x))
+    assert history == expected
+    reference = plain.get_signature_runner("get_weights")()
+    for name, weights in trainer.get_weights().items():
+        np.testing.assert_array_equal(weights, reference[name.replace("/", "_")])
+    for n in (1, 7, 7, 16, 1):
+        np.testing.assert_array_equal(trainer.infer(x[:n]), infer(x=x[:n])["probs"])
+    with pytest.raises(ValueError):
+        trainer._runners["train"](x=x[:2], y=y[:2])  # an input missing, as LiteRT's runner refuses
+    trainer.train_step(x[:3], y[:3], lr=0.1)
+    train(x=x[:3], y=y[:3], lr=np.asarray(0.1, np.float32))
+    for name, weights in trainer.get_weights().items():
+        np.testing.assert_array_equal(weights, plain.get_signature_runner("get_weights")()[name.replace("/", "_")])

@@ -534,3 +534,45 @@ def test_reopened_store_with_every_version_lost_has_no_model(tmp_path: Path, src
     assert ModelStore(tmp_path / "models", durable=False).current_version() == 0
     (store.root / CURRENT).write_bytes(b"")  # the pointer itself lost
     assert ModelStore(tmp_path / "models", durable=False).current_version() == 0
+
+
+# -- what the store keeps in memory, and what it reads from disk each time ------------------------
+
+
+def test_an_install_reads_which_versions_exist_from_disk(store: ModelStore, src: Path) -> None:
+    for v in (1, 2):
+        install(store, publish(src, v))
+    import shutil
+
+    shutil.rmtree(store.version_dir(1))  # gone behind the store's back
+    leftover = store.root / ".staging-v2"  # and a leftover appears
+    leftover.mkdir()
+    install(store, publish(src, 3))
+    assert store.good_versions() == [2, 3]
+    assert (store.root / GOOD).read_text().split() == ["2", "3"]
+    assert not leftover.exists()
+    assert ModelStore(store.root).good_versions() == [2, 3]
+
+
+def test_stores_sharing_artifacts_link_verify_and_share_once(tmp_path: Path, src: Path) -> None:
+    from client.artifact_cache import ArtifactCache
+
+    cache = ArtifactCache(tmp_path / "shared")
+    stores = [ModelStore(tmp_path / f"models-{i}", durable=False, artifact_cache=cache) for i in range(3)]
+    pub = publish(src, 1)
+    fetches = [FakeFetch(pub.blobs) for _ in stores]
+    for s, fetch in zip(stores, fetches, strict=True):
+        assert install(s, pub, fetch=fetch) == 1
+    assert [len(f.calls) for f in fetches] == [2, 0, 0]
+    assert [s.shared_bytes for s in stores] == [0, *[sum(map(len, pub.blobs.values()))] * 2]
+    # A staging folder left by an interrupted install still takes what it holds, and links the rest.
+    pub2 = publish(src, 2)
+    install(stores[0], pub2)
+    staging = stores[1].root / ".staging-v2"
+    staging.mkdir()
+    (staging / "model-keras.bin").write_bytes(pub2.blobs["model-keras.bin"][:10])
+    fetch = FakeFetch(pub2.blobs)
+    assert install(stores[1], pub2, fetch=fetch) == 2
+    assert [(name, size) for name, _, size in fetch.calls] == [("model-keras.bin", 10)]
+    assert stores[1].manifest() == pub2.manifest
+    assert (stores[1].version_dir(2) / MANIFEST_NAME).read_bytes() == pub2.json
