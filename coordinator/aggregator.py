@@ -8,8 +8,10 @@ same version number, overwriting the orphaned folder. No delta is lost or counte
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import os
 import shutil
 import threading
 import time
@@ -38,8 +40,16 @@ class PublishedVersion:
 
 
 def encoded_delta(codec: str, tensor_specs_json: str, payload: bytes) -> EncodedDelta:
-    specs = [TensorSpec(s["name"], tuple(s["shape"]), s.get("dtype", "float32")) for s in json.loads(tensor_specs_json)]
-    return EncodedDelta(codec, tuple(specs), payload)
+    return EncodedDelta(codec, _tensor_specs(tensor_specs_json), payload)
+
+
+@functools.lru_cache(maxsize=64)
+def _tensor_specs(tensor_specs_json: str) -> tuple[TensorSpec, ...]:
+    """Every delta of a fleet has the same specs: parsed once, and one tuple for all of them (a
+    codec works out the layout of a tuple once)."""
+    return tuple(
+        TensorSpec(s["name"], tuple(s["shape"]), s.get("dtype", "float32")) for s in json.loads(tensor_specs_json)
+    )
 
 
 def aggregate_covering(strategy: Strategy, global_weights: Weights, updates: list[Update]) -> Weights:
@@ -94,8 +104,8 @@ class Aggregator:
         latest = store.latest_version()
         if latest is None:
             self.weights = publisher.initial_weights()
-            manifest = publisher.publish(1, 0, self.weights)
-            latest = (1, manifest.to_json())
+            manifest, manifest_json = publisher.publish_with_json(1, 0, self.weights)
+            latest = (1, manifest_json)
             store.commit_version(1, 0, latest[1], manifest.metrics.get("accuracy"), [])
         else:
             self.weights = publisher.load_weights(latest[0])
@@ -120,11 +130,10 @@ class Aggregator:
             return self._aggregate()
 
     def _aggregate(self) -> PublishedVersion | None:
-        keys = self.store.buffered_keys()
         updates: list[Update] = []
         used: list[tuple[str, int, int]] = []
         rejected: list[tuple[str, int, str]] = []
-        for delta in self.store.iter_deltas(keys):
+        for delta in self.store.iter_buffered():
             staleness = self.version - delta.base_version
             reason = self.strategy.accepts(staleness)
             if reason is not None:
@@ -145,8 +154,7 @@ class Aggregator:
             return None
         new_weights = aggregate_covering(self.strategy, self.weights, updates)
         failpoint("aggregator.before_publish")
-        manifest = self.publisher.publish(new_version, self.version, new_weights)
-        manifest_json = manifest.to_json()
+        manifest, manifest_json = self.publisher.publish_with_json(new_version, self.version, new_weights)
         failpoint("aggregator.after_publish")
         self.store.commit_version(
             new_version, self.version, manifest_json, manifest.metrics.get("accuracy"), used, rejected
@@ -163,12 +171,21 @@ class Aggregator:
     def prune_versions(self) -> list[int]:
         """Delete the artifacts of old versions, keeping the newest `keep_versions` and every
         version a device still reports as its installed model or a buffered delta's base."""
-        keep = set(range(self.version - self.keep_versions + 1, self.version + 1)) | self.store.versions_in_use()
+        newest = set(range(self.version - self.keep_versions + 1, self.version + 1))
+        with os.scandir(self.publisher.models_dir) as entries:
+            older = [
+                (int(entry.name[1:]), entry.path)
+                for entry in entries
+                if entry.name.startswith("v") and entry.name[1:].isdigit() and int(entry.name[1:]) not in newest
+            ]
+        if not older:
+            return []
+        in_use = self.store.versions_in_use()
         removed = []
-        for path in self.publisher.models_dir.glob("v*"):
-            if path.name[1:].isdigit() and int(path.name[1:]) not in keep:
+        for version, path in older:
+            if version not in in_use:
                 shutil.rmtree(path, ignore_errors=True)
-                removed.append(int(path.name[1:]))
+                removed.append(version)
         return sorted(removed)
 
     @property

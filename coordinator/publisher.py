@@ -23,13 +23,26 @@ from fedsync.manifest import (
     TFLITE_INT8,
     TFLITE_TRAINABLE,
     TFLITE_TRAINABLE_HEAD,
+    Artifact,
     Manifest,
     TensorInfo,
     describe_artifact,
     fsync_path,
     write_atomically,
 )
-from fedsync.model import INPUT_NAME, LABELS, NUM_FEATURES, PREPROCESSING, Weights
+from fedsync.model import (
+    INPUT_NAME,
+    LABELS,
+    NUM_FEATURES,
+    PREPROCESSING,
+    Weights,
+    build_model,
+    dense_steps,
+    forward,
+    get_weights,
+    set_weights,
+    weight_name,
+)
 
 if TYPE_CHECKING:
     import keras
@@ -44,6 +57,12 @@ class EvaluationData:
 
 
 WEIGHTS_FILE = "weights.npz"  # the coordinator's copy of a version's weights: not an artifact
+
+
+def _write_artifact(path: Path, content: bytes, kind: str) -> Artifact:
+    """Write an artifact and describe it (as describe_artifact would, without reading it back)."""
+    path.write_bytes(content)
+    return Artifact(name=path.name, kind=kind, sha256=hashlib.sha256(content).hexdigest(), size=len(content))
 
 
 class ModelPublisher:
@@ -66,8 +85,6 @@ class ModelPublisher:
         coordinator whose writes need survive only a crash of its process, not a power cut.
         keras=False leaves out the Keras artifact (saving it is most of a publish) for fleets that
         never fetch it; the coordinator's own copy of the weights (weights.npz) is always written."""
-        from fedsync.model import build_model
-
         self.models_dir = Path(models_dir)
         self.models_dir.mkdir(parents=True, exist_ok=True)
         self.evaluation = evaluation
@@ -77,68 +94,104 @@ class ModelPublisher:
         self.reuse_conversions = reuse_conversions
         self.durable = durable
         self.keras = keras
+        self._x = np.ascontiguousarray(evaluation.x, dtype=np.float32)
+        self._labels = np.asarray(evaluation.y)
         # The int8 export depends on its calibration data as well as on the weights.
-        self._calibration_id = hashlib.sha256(np.ascontiguousarray(evaluation.x, dtype=np.float32)).hexdigest()
+        self._calibration_id = hashlib.sha256(self._x).hexdigest()
         self.model = build_model(hidden_units)
+        # Evaluation runs the model in numpy when it is a Dense stack, and exports render their
+        # templates from the weights: self.model is loaded with a version's weights only when
+        # something needs Keras itself (the .keras artifact, a converter run).
+        self._steps = dense_steps(self.model)
+        self._shapes = {weight_name(self.model, w): tuple(w.shape) for w in self.model.weights}
+        self._loaded: Weights | None = None  # what self.model holds, during a publish
+        self._architecture: str | None = None
 
     def initial_weights(self) -> Weights:
-        from fedsync.model import get_weights
-
         return get_weights(self.model)
 
     def version_dir(self, version: int) -> Path:
         return self.models_dir / f"v{version}"
 
     def evaluate(self, weights: Weights) -> dict[str, float]:
-        from fedsync.model import set_weights
-
-        set_weights(self.model, weights)
-        probs = self.model(self.evaluation.x, training=False).numpy()
-        labels = np.asarray(self.evaluation.y)
+        self._check(weights)
+        if self._steps is not None:
+            probs = forward(self._steps, weights, self._x)
+        else:
+            set_weights(self.model, weights)
+            self._loaded = weights
+            probs = self.model(self._x, training=False).numpy()
+        labels = self._labels
         accuracy = float(np.mean(np.argmax(probs, axis=1) == labels))
         loss = float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1.0))))
         return {"accuracy": accuracy, "loss": loss}
 
+    def _check(self, weights: Weights) -> None:
+        """What loading the weights into the model would refuse."""
+        missing = set(self._shapes) - set(weights)
+        if missing:
+            raise KeyError(f"weights missing tensors: {sorted(missing)}")
+        for name, shape in self._shapes.items():
+            if np.shape(weights[name]) != shape:
+                raise ValueError(f"weight {name!r} has shape {np.shape(weights[name])}, the model {shape}")
+
+    def _holding(self, weights: Weights) -> keras.Model:
+        """self.model, loaded with `weights`."""
+        if self._loaded is not weights:
+            set_weights(self.model, weights)
+            self._loaded = weights
+        return self.model
+
     def publish(self, version: int, parent_version: int, weights: Weights) -> Manifest:
+        return self.publish_with_json(version, parent_version, weights)[0]
+
+    def publish_with_json(self, version: int, parent_version: int, weights: Weights) -> tuple[Manifest, bytes]:
+        """publish(), and the manifest's JSON as written (Manifest.to_json())."""
+        self._loaded = None  # the caller may have changed the arrays since the last publish
+        try:
+            return self._publish(version, parent_version, weights)
+        finally:
+            self._loaded = None
+
+    def _publish(self, version: int, parent_version: int, weights: Weights) -> tuple[Manifest, bytes]:
         from fedsync import tflite_export
         from fedsync._quiet import native_output_silenced
 
-        metrics = self.evaluate(weights)  # also loads the weights into self.model
+        metrics = self.evaluate(weights)
         staging = self.models_dir / f".staging-v{version}"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
         np.savez(staging / WEIGHTS_FILE, **weights)
         if self.keras:
-            self.model.save(staging / "model.keras")
+            self._holding(weights).save(staging / "model.keras")
         with native_output_silenced():
-            float32 = self._export(TFLITE_FLOAT32, tflite_export.to_tflite_float32)
+            float32 = self._export(TFLITE_FLOAT32, tflite_export.to_tflite_float32, weights)
             int8 = (
                 self._export(
                     f"{TFLITE_INT8}:{self._calibration_id}",
                     lambda model: tflite_export.to_tflite_int8(model, self.evaluation.x),
+                    weights,
                 )
                 if self.int8
                 else None
             )
             head = (
-                self._export(TFLITE_TRAINABLE_HEAD, tflite_export.to_trainable_head_tflite)
+                self._export(TFLITE_TRAINABLE_HEAD, tflite_export.to_trainable_head_tflite, weights)
                 if self.trainable_head
                 else None
             )
-            whole = self._export(TFLITE_TRAINABLE, tflite_export.to_trainable_tflite) if self.trainable else None
-        (staging / "model.tflite").write_bytes(float32)
-        artifacts = [describe_artifact(staging / "model.tflite", TFLITE_FLOAT32)]
+            whole = (
+                self._export(TFLITE_TRAINABLE, tflite_export.to_trainable_tflite, weights) if self.trainable else None
+            )
+        artifacts = [_write_artifact(staging / "model.tflite", float32, TFLITE_FLOAT32)]
         if self.keras:
             artifacts.append(describe_artifact(staging / "model.keras", KERAS))
         if int8 is not None:
-            (staging / "model-int8.tflite").write_bytes(int8)
-            artifacts.append(describe_artifact(staging / "model-int8.tflite", TFLITE_INT8))
+            artifacts.append(_write_artifact(staging / "model-int8.tflite", int8, TFLITE_INT8))
         if head is not None:
-            (staging / "head-trainable.tflite").write_bytes(head)
-            artifacts.append(describe_artifact(staging / "head-trainable.tflite", TFLITE_TRAINABLE_HEAD))
+            artifacts.append(_write_artifact(staging / "head-trainable.tflite", head, TFLITE_TRAINABLE_HEAD))
         if whole is not None:
-            (staging / "model-trainable.tflite").write_bytes(whole)
-            artifacts.append(describe_artifact(staging / "model-trainable.tflite", TFLITE_TRAINABLE))
+            artifacts.append(_write_artifact(staging / "model-trainable.tflite", whole, TFLITE_TRAINABLE))
         manifest = Manifest(
             version=version,
             parent_version=parent_version,
@@ -151,24 +204,33 @@ class ModelPublisher:
             metrics=metrics,
             weights=[TensorInfo(name, list(array.shape), "float32") for name, array in weights.items()],
         )
-        write_atomically(staging / MANIFEST_NAME, manifest.to_json(), durable=self.durable)
+        manifest_json = manifest.to_json()
         if self.durable:
+            write_atomically(staging / MANIFEST_NAME, manifest_json, durable=True)
             for path in staging.iterdir():
                 fsync_path(path)
+        else:  # nobody sees the staging folder before its rename: no need to write the manifest by one
+            (staging / MANIFEST_NAME).write_bytes(manifest_json)
         final = self.version_dir(version)
         shutil.rmtree(final, ignore_errors=True)  # a leftover of a crash before the version was committed
         staging.rename(final)
         if self.durable:
             fsync_path(self.models_dir)
-        return manifest
+        return manifest, manifest_json
 
-    def _export(self, name: str, export: Callable[[keras.Model], bytes]) -> bytes:
-        """`export` applied to self.model, which holds the version's weights."""
+    def _export(self, name: str, export: Callable[[keras.Model], bytes], weights: Weights) -> bytes:
+        """`export` applied to self.model holding `weights`."""
         if not self.reuse_conversions:
-            return export(self.model)
-        from fedsync.tflite_templates import shared_exporter
+            return export(self._holding(weights))
+        from fedsync.tflite_templates import architecture_key, shared_exporter
 
-        return shared_exporter().export(name, self.model, export)
+        exporter = shared_exporter()
+        if self._architecture is None:
+            self._architecture = architecture_key(self.model)
+        rendered = exporter.render(name, self._architecture, weights)
+        if rendered is not None:
+            return rendered
+        return exporter.export(name, self._holding(weights), export, self._architecture)
 
     def load_weights(self, version: int) -> Weights:
         path = self.version_dir(version) / WEIGHTS_FILE
@@ -176,7 +238,5 @@ class ModelPublisher:
             with np.load(path) as stored:
                 return {name: stored[name] for name in stored.files}
         import keras  # a version published before weights.npz
-
-        from fedsync.model import get_weights
 
         return get_weights(keras.models.load_model(self.version_dir(version) / "model.keras", compile=False))

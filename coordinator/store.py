@@ -9,6 +9,7 @@ process) is the store's `Durability`.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import functools
 import os
@@ -55,6 +56,19 @@ _TOUCH_DEVICE = (
 )
 
 
+# Advance a device's delta mark by one (and refresh it): no row when the mark is not seq - 1.
+_ADVANCE_DELTAS = (
+    "UPDATE devices SET deltas_high_water = ?2, last_seen_ns = ?3 "
+    "WHERE device_id = ?1 AND deltas_high_water = ?2 - 1 RETURNING 1"
+)
+_STORED_DELTA = "device_id, seq, base_version, num_examples, codec, tensor_specs, payload_file, received_ns"
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
 class DeviceMarks(NamedTuple):
     events_high_water: int
     deltas_high_water: int
@@ -93,6 +107,7 @@ class CoordinatorStore:
         migrate(self.conn)
         self.deltas_dir = self.path.parent / "deltas"
         self.deltas_dir.mkdir(exist_ok=True)
+        self._deltas_path = str(self.deltas_dir)
         self._remove_orphan_payloads()
         self.conflicts = ConflictIndex(self.policy)
         self._reload_conflicts()
@@ -284,15 +299,23 @@ class CoordinatorStore:
         wrote = False
         self._begin()
         try:
-            (high_water,) = self.conn.execute(
-                "SELECT deltas_high_water FROM devices WHERE device_id = ?", (device_id,)
-            ).fetchone() or (0,)
-            if seq != high_water + 1:
-                # Before touching any file: <device>.<seq>.delta may belong to a committed delta.
-                raise StoreError("precondition", f"sequence gap: expected delta {high_water + 1}, got {seq}")
+            # Advance the mark only from seq - 1, so that a missing row means a gap or a new device.
+            if not self.conn.execute(_ADVANCE_DELTAS, (device_id, seq, now)).fetchall():
+                (high_water,) = self.conn.execute(
+                    "SELECT deltas_high_water FROM devices WHERE device_id = ?", (device_id,)
+                ).fetchone() or (None,)
+                if seq != (high_water or 0) + 1:
+                    # Before touching any file: <device>.<seq>.delta may belong to a committed delta.
+                    raise StoreError("precondition", f"sequence gap: expected delta {(high_water or 0) + 1}, got {seq}")
+                if high_water is None:
+                    self.conn.execute(
+                        "INSERT INTO devices (device_id, first_seen_ns, last_seen_ns, deltas_high_water) "
+                        "VALUES (?, ?, ?, ?)",
+                        (device_id, now, now, seq),
+                    )
             if name is not None:
                 wrote = True
-                self._place_payload(self.deltas_dir / name, payload, payload_file)
+                self._place_payload(os.path.join(self._deltas_path, name), payload, payload_file)
             self.conn.execute(
                 "INSERT INTO deltas (device_id, seq, base_version, num_examples, codec, tensor_specs, payload_file, "
                 "payload_sha256, train_loss, received_ns, status, reason, staleness) "
@@ -313,21 +336,15 @@ class CoordinatorStore:
                     staleness,
                 ),
             )
-            self.conn.execute(
-                "INSERT INTO devices (device_id, first_seen_ns, last_seen_ns, deltas_high_water) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT(device_id) DO UPDATE SET deltas_high_water = excluded.deltas_high_water, "
-                "last_seen_ns = excluded.last_seen_ns",
-                (device_id, now, now, seq),
-            )
             self.conn.execute("COMMIT")
         except BaseException:
             self._rollback()
             if wrote:
-                (self.deltas_dir / name).unlink(missing_ok=True)  # type: ignore[operator]
+                _unlink(os.path.join(self._deltas_path, name))  # type: ignore[arg-type]
             raise
         return seq
 
-    def _place_payload(self, target: Path, payload: bytes | None, payload_file: Path | None) -> None:
+    def _place_payload(self, target: str, payload: bytes | memoryview | None, payload_file: Path | None) -> None:
         """Write or move a payload to `target`; fsynced with its directory entry under POWER. The
         commit naming it comes after, so a crash before it only leaves an orphan file (removed on
         the next start)."""
@@ -337,11 +354,16 @@ class CoordinatorStore:
                 fsync_path(payload_file)
             os.replace(payload_file, target)
         else:
-            with open(target, "wb") as f:
-                f.write(payload)  # type: ignore[arg-type]
+            # os-level calls: a buffered file object costs more than writing a delta's bytes.
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+            try:
+                view = memoryview(payload)  # type: ignore[arg-type]
+                while view:
+                    view = view[os.write(fd, view) :]
                 if durable:
-                    f.flush()
-                    os.fsync(f.fileno())
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
         if durable:
             fsync_path(self.deltas_dir)
 
@@ -367,17 +389,28 @@ class CoordinatorStore:
         for device_id, seq in keys:
             with self._lock:
                 row = self.conn.execute(
-                    "SELECT device_id, seq, base_version, num_examples, codec, tensor_specs, payload_file, received_ns "
-                    "FROM deltas WHERE device_id = ? AND seq = ?",
-                    (device_id, seq),
+                    f"SELECT {_STORED_DELTA} FROM deltas WHERE device_id = ? AND seq = ?", (device_id, seq)
                 ).fetchone()
             if row is not None and row[6] is not None:
-                payload = (self.deltas_dir / row[6]).read_bytes()
-                yield StoredDelta(*row[:6], payload, row[7])
+                yield StoredDelta(*row[:6], self._read_payload(row[6]), row[7])
+
+    def iter_buffered(self) -> Iterator[StoredDelta]:
+        """The buffered deltas in the order of buffered_keys, as iter_deltas yields them (the rows
+        read at once, the payloads one at a time)."""
+        with self._lock:
+            rows = self.conn.execute(
+                f"SELECT {_STORED_DELTA} FROM deltas WHERE status = 'buffered' ORDER BY received_ns, device_id, seq"
+            ).fetchall()
+        for row in rows:
+            if row[6] is not None:
+                yield StoredDelta(*row[:6], self._read_payload(row[6]), row[7])
+
+    def _read_payload(self, name: str) -> bytes:
+        with open(os.path.join(self._deltas_path, name), "rb", buffering=0) as f:
+            return f.readall()
 
     # -- versions -------------------------------------------------------------------------
 
-    @_locked
     def commit_version(
         self,
         version: int,
@@ -388,31 +421,37 @@ class CoordinatorStore:
         rejected: Sequence[tuple[str, int, str]] = (),
     ) -> None:
         """Publish a version and mark the deltas it consumed (device, seq, staleness), atomically."""
-        self._begin()
-        try:
-            self.conn.execute(
-                "INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?)",
-                (version, parent_version, time.time_ns(), manifest_json, len(aggregated), accuracy),
-            )
-            self.conn.executemany(
-                "UPDATE deltas SET status = 'aggregated', aggregated_into = ?, staleness = ?, payload_file = NULL "
-                "WHERE device_id = ? AND seq = ? AND status = 'buffered'",
-                [(version, staleness, device, seq) for device, seq, staleness in aggregated],
-            )
-            self.conn.executemany(
-                "UPDATE deltas SET status = 'rejected', reason = ?, payload_file = NULL "
-                "WHERE device_id = ? AND seq = ? AND status = 'buffered'",
-                [(reason, device, seq) for device, seq, reason in rejected],
-            )
-            self.conn.execute("COMMIT")
-        except BaseException:
-            self._rollback()
-            raise
+        with self._lock:
+            self._begin()
+            try:
+                self.conn.execute(
+                    "INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?)",
+                    (version, parent_version, time.time_ns(), manifest_json, len(aggregated), accuracy),
+                )
+                self.conn.executemany(
+                    "UPDATE deltas SET status = 'aggregated', aggregated_into = ?, staleness = ?, payload_file = NULL "
+                    "WHERE device_id = ? AND seq = ? AND status = 'buffered'",
+                    [(version, staleness, device, seq) for device, seq, staleness in aggregated],
+                )
+                self._mark_rejected(rejected)
+                self.conn.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
+        # Outside the lock (the uploads' handlers wait for it): no row names these files any more,
+        # and no other delta can take their names.
         self._remove_payloads([(d, s) for d, s, _ in aggregated] + [(d, s) for d, s, _ in rejected])
+
+    def _mark_rejected(self, rejected: Sequence[tuple[str, int, str]]) -> None:
+        self.conn.executemany(
+            "UPDATE deltas SET status = 'rejected', reason = ?, payload_file = NULL "
+            "WHERE device_id = ? AND seq = ? AND status = 'buffered'",
+            [(reason, device, seq) for device, seq, reason in rejected],
+        )
 
     def _remove_payloads(self, keys: Sequence[tuple[str, int]]) -> None:
         for device_id, seq in keys:
-            (self.deltas_dir / f"{device_id}.{seq}.delta").unlink(missing_ok=True)
+            _unlink(os.path.join(self._deltas_path, f"{device_id}.{seq}.delta"))
 
     def _remove_orphan_payloads(self) -> None:
         """Payload files no buffered delta refers to: left by a crash between commit and unlink."""
@@ -423,19 +462,15 @@ class CoordinatorStore:
             if path.name not in referenced:
                 path.unlink(missing_ok=True)
 
-    @_locked
     def commit_version_rejections(self, rejected: Sequence[tuple[str, int, str]]) -> None:
-        self._begin()
-        try:
-            self.conn.executemany(
-                "UPDATE deltas SET status = 'rejected', reason = ?, payload_file = NULL "
-                "WHERE device_id = ? AND seq = ? AND status = 'buffered'",
-                [(reason, device, seq) for device, seq, reason in rejected],
-            )
-            self.conn.execute("COMMIT")
-        except BaseException:
-            self._rollback()
-            raise
+        with self._lock:
+            self._begin()
+            try:
+                self._mark_rejected(rejected)
+                self.conn.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
         self._remove_payloads([(d, s) for d, s, _ in rejected])
 
     @_locked

@@ -47,6 +47,9 @@ class PartialUploads:
         self._locks: dict[str, threading.Lock] = {}
         self._writers: dict[str, int] = {}
         self._streams = itertools.count(1)
+        # Devices that may have files here (this object writes every one of them): most never
+        # have, and for them status() and discard() need not ask the file system.
+        self._on_disk = {path.name[:-5] for path in self.root.iterdir() if path.name.endswith((".part", ".json"))}
 
     def _lock(self, device_id: str) -> threading.Lock:
         with self._guard:
@@ -59,6 +62,8 @@ class PartialUploads:
         return self._paths(device_id)[0]
 
     def status(self, device_id: str) -> PartialUpload | None:
+        if device_id not in self._on_disk:
+            return None
         part, meta = self._paths(device_id)
         try:
             header = json.loads(meta.read_text())
@@ -73,6 +78,7 @@ class PartialUploads:
         with self._lock(device_id):
             stream = next(self._streams)
             self._writers[device_id] = stream
+            self._on_disk.add(device_id)
             if offset == 0:
                 part.write_bytes(b"")
                 meta.write_text(json.dumps({"seq": seq, "sha256": sha256.hex(), "size": size}))
@@ -143,5 +149,7 @@ class PartialUploads:
     def discard(self, device_id: str) -> None:
         with self._lock(device_id):
             self._writers.pop(device_id, None)
-            for path in self._paths(device_id):
-                path.unlink(missing_ok=True)
+            if device_id in self._on_disk:
+                for path in self._paths(device_id):
+                    path.unlink(missing_ok=True)
+                self._on_disk.discard(device_id)

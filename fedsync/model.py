@@ -5,7 +5,8 @@ Importing this module imports Keras (and TensorFlow); keep it off lean inference
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import keras
 import numpy as np
@@ -59,3 +60,53 @@ def set_weights(model: keras.Model, weights: Mapping[str, np.ndarray]) -> None:
         raise KeyError(f"weights missing tensors: {sorted(missing)}")
     for name, variable in zip(names, model.weights, strict=True):
         variable.assign(np.asarray(weights[name], dtype=np.float32))
+
+
+@dataclass(frozen=True)
+class DenseStep:
+    """One Dense layer of a model, by the names of its weights (see `dense_steps`)."""
+
+    kernel: str
+    bias: str | None
+    activation: str  # linear | relu | softmax
+
+
+def dense_steps(model: keras.Model) -> tuple[DenseStep, ...] | None:
+    """The model as a stack of float32 Dense layers that `forward` can run, or None when it is
+    something else (then only Keras computes it)."""
+    activations = {
+        keras.activations.linear: "linear",
+        keras.activations.relu: "relu",
+        keras.activations.softmax: "softmax",
+    }
+    steps = []
+    for layer in model.layers:
+        if (
+            type(layer) is not keras.layers.Dense
+            or layer.dtype_policy.name != "float32"
+            or layer.activation not in activations
+            or getattr(layer, "quantization_mode", None) is not None
+            or getattr(layer, "lora_enabled", False)
+        ):
+            return None
+        bias = weight_name(model, layer.bias) if layer.use_bias else None
+        steps.append(DenseStep(weight_name(model, layer.kernel), bias, activations[layer.activation]))
+    return tuple(steps) or None
+
+
+def forward(steps: Sequence[DenseStep], weights: Mapping[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    """What `model(x)` returns for the model `steps` describe holding `weights`, in float32 numpy:
+    equal to float32 rounding (the matmul's summation order and exp differ from TensorFlow's),
+    without Keras's and TensorFlow's dispatch overhead."""
+    out = np.asarray(x, dtype=np.float32)
+    for step in steps:
+        out = out @ np.asarray(weights[step.kernel], dtype=np.float32)
+        if step.bias is not None:
+            out += np.asarray(weights[step.bias], dtype=np.float32)
+        if step.activation == "relu":
+            np.maximum(out, np.float32(0.0), out=out)
+        elif step.activation == "softmax":
+            out -= out.max(axis=-1, keepdims=True)
+            np.exp(out, out=out)
+            out /= out.sum(axis=-1, keepdims=True)
+    return out

@@ -28,7 +28,8 @@ Templates of final artifacts (float and trainable models) persist on disk betwee
 (:mod:`fedsync._template_cache`), so a coordinator starting again on a known architecture runs no
 converter: in ``$FEDSYNC_CACHE_DIR/tflite-templates/``, else ``$XDG_CACHE_HOME/fedsync/...`` or
 ``~/.cache/fedsync/...``; ``FEDSYNC_CACHE_DIR=`` (empty) turns that off. A template from disk is
-checked against the Keras model (LiteRT outputs, weight slots) instead of the converter.
+checked against the Keras model (LiteRT outputs against what the model computes, in numpy for a
+Dense stack; weight slots) instead of the converter.
 """
 
 from __future__ import annotations
@@ -46,7 +47,12 @@ import keras
 import numpy as np
 from tensorflow.lite.python import lite
 
-from fedsync._template_cache import TemplateCache, default_cache_dir, template_key, works_like
+from fedsync._template_cache import (
+    TemplateCache,
+    default_cache_dir,
+    template_key,
+    works_like,
+)
 from fedsync.model import Weights, get_weights, set_weights
 from fedsync.tflite_patch import WeightSlot, WeightsNotFoundError, locate_weights, patch_weights
 
@@ -170,8 +176,10 @@ class TemplateExporter:
         self._lock = threading.Lock()
         self._cache = cache
 
-    def export(self, name: str, model: keras.Model, export: Export) -> bytes:
-        key = (name, architecture_key(model))
+    def export(self, name: str, model: keras.Model, export: Export, architecture: str | None = None) -> bytes:
+        """`export(model)`, from a template when one is verified. `architecture`: the model's
+        architecture_key, when the caller knows it (it costs a get_config)."""
+        key = (name, architecture or architecture_key(model))
         with self._lock:
             if key not in self._templates:
                 self._templates[key] = self._template(name, model, export)
@@ -187,6 +195,23 @@ class TemplateExporter:
             with self._lock:
                 self._templates[key] = None
             return export(model)
+
+    def render(self, name: str, architecture: str, weights: Weights) -> bytes | None:
+        """What `export` returns for a model of `architecture` holding `weights` (every tensor of
+        the model, with its shape), when a verified template is ready: without touching the model.
+        None when there is none yet or it no longer renders: then call `export`."""
+        key = (name, architecture)
+        with self._lock:
+            template = self._templates.get(key)
+        if template is None:
+            return None
+        try:
+            return template.render(weights)
+        except Exception:
+            log.warning("%s: template rendering failed, running the TFLite converter", name, exc_info=True)
+            with self._lock:
+                self._templates[key] = None
+            return None
 
     def _template(self, name: str, model: keras.Model, export: Export) -> Template | None:
         cache = self._cache

@@ -120,6 +120,25 @@ def test_weighted_mean_of_encoded_deltas_equals_mean_of_decoded(codec: str) -> N
         assert_deltas_close(result, reference_weighted_mean(plain, weights))
 
 
+@pytest.mark.parametrize("codec", ["float32", "float16", "int8", "topk:0.25"])
+@pytest.mark.parametrize("precision", ["float32", "float64"])
+def test_weighted_mean_of_encoded_deltas_is_bit_identical_to_adding_them_one_tensor_at_a_time(
+    codec: str, precision: str
+) -> None:
+    rng = np.random.default_rng(11)
+    plain = random_updates(rng, n=7)
+    encoded = [Update(EncodedDelta.encode(codec, u.delta), u.num_examples) for u in plain]
+    weights = np.array([float(u.num_examples) for u in plain])
+    weights[2] = 0.0  # skipped
+    expected = {name: np.zeros(shape, dtype=precision) for name, shape in SHAPES.items()}
+    for update, weight in zip(encoded, weights, strict=True):
+        if weight > 0:
+            update.delta.accumulate_into(float(weight) / float(weights.sum()), expected)
+    result = weighted_mean(precision=precision).aggregate(encoded, weights)
+    for name in SHAPES:
+        np.testing.assert_array_equal(result[name], expected[name].astype(np.float32), err_msg=name)
+
+
 @pytest.mark.parametrize("n", [1, 2, 5, 8])
 def test_coordinate_median_matches_np_median_and_ignores_weights(n: int) -> None:
     rng = np.random.default_rng(n)

@@ -287,3 +287,56 @@ def test_error_feedback_with_lossless_codec_sends_the_delta_unchanged() -> None:
     for _ in range(3):
         assert feedback.encode(delta)[1] == get_codec("float32").encode(delta)[1]
     assert feedback.state() == {}
+
+
+@pytest.mark.parametrize("codec_name", ALL_CODECS)
+@pytest.mark.parametrize("weight", [1.0, 0.37])
+def test_accumulating_into_one_flat_array_is_bit_identical_to_tensor_by_tensor(codec_name: str, weight: float) -> None:
+    codec = get_codec(codec_name)
+    data = tensors()
+    specs, payload = codec.encode(data)
+    specs = tuple(specs)
+    start = tensors(seed=9)
+    per_tensor = {name: np.array(t, dtype=np.float32) for name, t in start.items()}
+    codec.accumulate_into(specs, payload, weight, per_tensor)
+    flat = np.concatenate([np.asarray(start[name], np.float32).reshape(-1) for name in data])
+    views, offset = {}, 0
+    for name in data:
+        size = int(np.size(start[name]))
+        views[name] = flat[offset : offset + size].reshape(np.shape(start[name]))
+        offset += size
+    codec.accumulate_into(specs, payload, weight, views, flat)
+    for name in data:
+        np.testing.assert_array_equal(views[name], per_tensor[name], err_msg=name)
+
+
+def test_flat_accumulation_needs_the_accumulators_in_the_payloads_order() -> None:
+    codec = get_codec("float32")
+    data = {"a": np.arange(3, dtype=np.float32), "b": np.arange(3, 5, dtype=np.float32)}
+    specs, payload = codec.encode(data)
+    flat = np.zeros(5, np.float32)
+    acc = {"b": flat[:2], "a": flat[2:]}  # b first: adding the payload as one array would misplace it
+    codec.accumulate_into(tuple(specs), payload, 1.0, acc, flat)
+    np.testing.assert_array_equal(acc["a"], data["a"])
+    np.testing.assert_array_equal(acc["b"], data["b"])
+
+
+@pytest.mark.parametrize("codec_name", ["float32", "float16", "int8", "int8-channel"])
+def test_a_cached_layout_still_checks_every_payload(codec_name: str) -> None:
+    codec = get_codec(codec_name)
+    specs, payload = codec.encode({"v": np.ones(5, np.float32), "w": np.ones((2, 3), np.float32)})
+    specs = tuple(specs)
+    assert codec.encoded_size(specs, payload) == len(payload)  # worked out, then cached
+    assert codec.encoded_size(specs, payload) == len(payload)
+    with pytest.raises(CodecError, match="payload"):
+        codec.encoded_size(specs, payload[:-1])
+    with pytest.raises(CodecError):
+        codec.encoded_size(specs, payload + b"\0")
+    if codec_name == "float16":
+        corrupt = payload[:4] + np.array([np.inf], "<f2").tobytes() + payload[6:]
+        with pytest.raises(CodecError, match="inf or nan"):
+            codec.decode(specs, corrupt)
+    if codec_name.startswith("int8"):
+        corrupt = np.array([np.nan], "<f4").tobytes() + payload[4:]
+        with pytest.raises(CodecError):
+            codec.decode(specs, corrupt)

@@ -433,6 +433,39 @@ def test_commit_version_marks_deltas_aggregated_and_drops_their_payloads(store: 
     assert store.counts()["deltas_aggregated"] == 3 and store.counts()["deltas_buffered"] == 0
 
 
+def test_add_delta_registers_a_new_device_and_refreshes_a_known_one(store: CoordinatorStore) -> None:
+    store.touch_device("known", model_version=1)
+    (seen_before,) = store.conn.execute("SELECT last_seen_ns FROM devices WHERE device_id = 'known'").fetchone()
+    assert add_delta(store, "known", 1) == 1
+    assert add_delta(store, "new", 1) == 1
+    rows = dict(
+        (d, (hw, first <= last, version))
+        for d, hw, first, last, version in store.conn.execute(
+            "SELECT device_id, deltas_high_water, first_seen_ns, last_seen_ns, model_version FROM devices"
+        )
+    )
+    assert rows == {"known": (1, True, 1), "new": (1, True, 0)}
+    (seen_after,) = store.conn.execute("SELECT last_seen_ns FROM devices WHERE device_id = 'known'").fetchone()
+    assert seen_after >= seen_before
+    with pytest.raises(StoreError, match="sequence gap: expected delta 1, got 3"):
+        add_delta(store, "newer", 3)
+    assert store.high_waters("newer") == (0, 0) and store.counts()["devices"] == 2
+
+
+def test_iter_buffered_yields_what_iter_deltas_of_the_buffered_keys_does(store: CoordinatorStore) -> None:
+    for device, seq in (("b", 1), ("a", 1), ("a", 2), ("c", 1)):
+        add_delta(store, device, seq, payload=f"{device}{seq}".encode())
+    add_delta(store, "c", 2, payload=None, status="rejected", reason="stale")
+    store.commit_version(2, 1, b"{}", None, aggregated=[("a", 1, 0)])
+    expected = list(store.iter_deltas(store.buffered_keys()))
+    assert sorted((d.device_id, d.seq, bytes(d.payload)) for d in expected) == [
+        ("a", 2, b"a2"),
+        ("b", 1, b"b1"),
+        ("c", 1, b"c1"),
+    ]
+    assert list(store.iter_buffered()) == expected
+
+
 def test_commit_version_is_atomic(store: CoordinatorStore) -> None:
     add_delta(store, "a", 1, payload=b"a1")
     store.commit_version(2, 1, b"{}", None, aggregated=[])

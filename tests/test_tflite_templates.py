@@ -12,13 +12,14 @@ import pytest
 pytest.importorskip("tensorflow")
 pytest.importorskip("ai_edge_litert")
 
+import keras
 from ai_edge_litert.interpreter import Interpreter
 
 from client.litert_training import LiteRTHeadTrainer, LiteRTTrainer
 from coordinator.publisher import EvaluationData, ModelPublisher
 from fedsync import tflite_export
 from fedsync.manifest import MANIFEST_NAME, Manifest, sha256_file
-from fedsync.model import build_model, get_weights, set_weights
+from fedsync.model import build_model, dense_steps, forward, get_weights, set_weights
 from fedsync.sim.data import load_digits_split
 from fedsync.tflite_patch import WeightsNotFoundError, locate_weights, patch_weights
 from fedsync.tflite_templates import TemplateExporter, build_template
@@ -180,3 +181,56 @@ def test_publisher_publishes_valid_manifests_with_converter_equal_artifacts(tmp_
         for kind, content in converted.items():
             artifact = manifest.artifact(kind)
             assert artifact is not None and (folder / artifact.name).read_bytes() == content, kind
+
+
+def keras_metrics(model, weights: dict[str, np.ndarray]) -> dict[str, float]:
+    """What the publisher computed with Keras before it ran the model in numpy."""
+    set_weights(model, weights)
+    probs = model(TEST.x, training=False).numpy()
+    labels = TEST.y
+    return {
+        "accuracy": float(np.mean(np.argmax(probs, axis=1) == labels)),
+        "loss": float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1.0)))),
+    }
+
+
+def test_numpy_forward_pass_computes_what_keras_does(model) -> None:
+    steps = dense_steps(model)
+    assert steps is not None and [s.activation for s in steps] == ["relu", "softmax"]
+    for seed in range(3):
+        weights = random_weights(model, seed, scale=1.0)
+        set_weights(model, weights)
+        np.testing.assert_allclose(forward(steps, weights, TEST.x), model(TEST.x).numpy(), rtol=1e-5, atol=1e-6)
+    conv = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(2, 3), keras.layers.Flatten()])
+    assert dense_steps(conv) is None
+
+
+def test_publisher_evaluates_as_keras_did_and_publishes_without_loading_the_model(tmp_path: Path, model) -> None:
+    publisher = ModelPublisher(
+        tmp_path / "models", EvaluationData(TEST.x, TEST.y), hidden_units=32, keras=False, durable=False
+    )
+    publisher.publish(1, 0, publisher.initial_weights())  # builds the templates
+    untouched = get_weights(publisher.model)
+    for version, seed in ((2, 40), (3, 41)):
+        weights = random_weights(publisher.model, seed)
+        manifest = publisher.publish(version, version - 1, weights)
+        expected = keras_metrics(model, weights)
+        assert manifest.metrics["accuracy"] == expected["accuracy"]
+        assert manifest.metrics["loss"] == pytest.approx(expected["loss"], abs=1e-6)
+        folder = publisher.version_dir(version)
+        assert Manifest.from_json((folder / MANIFEST_NAME).read_bytes()) == manifest
+        converted = {
+            "tflite-float32": tflite_export.to_tflite_float32(model),
+            "tflite-int8": int8_export(model),
+            "tflite-trainable-head": tflite_export.to_trainable_head_tflite(model),
+            "tflite-trainable": tflite_export.to_trainable_tflite(model),
+        }
+        for artifact in manifest.artifacts:
+            content = (folder / artifact.name).read_bytes()
+            assert content == converted[artifact.kind], artifact.kind
+            assert sha256_file(folder / artifact.name) == artifact.sha256 and len(content) == artifact.size
+    assert all(np.array_equal(untouched[k], v) for k, v in get_weights(publisher.model).items())
+    with pytest.raises(KeyError, match="missing"):
+        publisher.publish(4, 3, {"hidden/kernel": weights["hidden/kernel"]})
+    with pytest.raises(ValueError, match="shape"):
+        publisher.publish(4, 3, {**weights, "head/bias": np.zeros(3, np.float32)})

@@ -69,3 +69,18 @@ def test_a_discarded_upload_refuses_further_appends(tmp_path: Path) -> None:
         uploads.discard(DEVICE)
         append(PAYLOAD[1000:2000])
     assert uploads.status(DEVICE) is None
+
+
+def test_status_and_discard_know_the_files_a_restarted_coordinator_left(tmp_path: Path) -> None:
+    uploads = PartialUploads(tmp_path)
+    assert uploads.status(DEVICE) is None
+    uploads.discard(DEVICE)  # nothing to remove
+    upload = uploads.begin("dotted.device-2", 4, SHA, len(PAYLOAD), 0)
+    with uploads.appender("dotted.device-2", upload, hashlib.sha256()) as append:
+        append(PAYLOAD[:1500])
+    restarted = PartialUploads(tmp_path)
+    status = restarted.status("dotted.device-2")
+    assert status is not None and (status.seq, status.sha256, status.received) == (4, SHA, 1500)
+    assert restarted.status(DEVICE) is None
+    restarted.discard("dotted.device-2")
+    assert restarted.status("dotted.device-2") is None and list(tmp_path.iterdir()) == []

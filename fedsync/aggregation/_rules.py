@@ -11,6 +11,7 @@ A stage used alone (or a chain of stages only) reduces with :class:`weighted_mea
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -113,10 +114,17 @@ class weighted_mean(AggregationRule):
         total = float(weights.sum())
         if total <= 0:
             raise ValueError("weighted_mean needs a positive total weight")
-        acc = {name: np.zeros(shape, dtype=self.precision) for name, shape in shapes.items()}
+        # One accumulator, each tensor a view of it, so a payload can be added in one go.
+        flat = np.zeros(sum(math.prod(shape) for shape in shapes.values()), dtype=self.precision)
+        acc: dict[str, np.ndarray] = {}
+        offset = 0
+        for name, shape in shapes.items():
+            size = math.prod(shape)
+            acc[name] = flat[offset : offset + size].reshape(shape)
+            offset += size
         for update, weight in zip(updates, weights, strict=True):
             if weight > 0:
-                accumulate(update.delta, float(weight) / total, acc)
+                accumulate(update.delta, float(weight) / total, acc, flat)
         return {name: tensor.astype(np.float32, copy=False) for name, tensor in acc.items()}
 
 

@@ -70,11 +70,12 @@ def materialize(delta: Delta) -> dict[str, np.ndarray]:
     return dict(iter_tensors(delta))
 
 
-def accumulate(delta: Delta, weight: float, acc: dict[str, np.ndarray]) -> None:
-    """``acc[name] += weight * delta[name]`` one tensor at a time, decoding lazily."""
+def accumulate(delta: Delta, weight: float, acc: dict[str, np.ndarray], flat: np.ndarray | None = None) -> None:
+    """``acc[name] += weight * delta[name]`` one tensor at a time, decoding lazily. ``flat``: the
+    array whose consecutive views, in order, ``acc``'s tensors are (see Codec.accumulate_into)."""
     source, factor = _unscaled(delta)
     if isinstance(source, EncodedDelta):
-        source.accumulate_into(weight * factor, acc)
+        source.accumulate_into(weight * factor, acc, flat)
         return
     for name, tensor in source.items():
         add_scaled(acc[name], np.asarray(tensor), weight * factor)

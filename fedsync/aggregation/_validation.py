@@ -56,10 +56,13 @@ def validate_delta(
 
     total = 0.0
     for name, tensor in tensors:
-        # dtype was checked above, so this copies only float16/float64 input;
-        # float64 values beyond the float32 range become inf and are rejected.
-        with np.errstate(over="ignore"):
-            as_float32 = np.asarray(tensor, dtype=np.float32)
+        if isinstance(tensor, np.ndarray) and tensor.dtype == np.float32:
+            as_float32 = tensor  # what every codec decodes to
+        else:
+            # dtype was checked above, so this copies only float16/float64 input;
+            # float64 values beyond the float32 range become inf and are rejected.
+            with np.errstate(over="ignore"):
+                as_float32 = np.asarray(tensor, dtype=np.float32)
         sq = squared_norm(as_float32)
         if not math.isfinite(sq):
             raise DeltaRejected("non_finite", f"tensor {name!r} has non-finite values")

@@ -52,8 +52,8 @@ class EncodedDelta:
     def iter_decode(self) -> Iterator[tuple[str, np.ndarray]]:
         return self.codec.iter_decode(self.specs, self.payload)
 
-    def accumulate_into(self, weight: float, acc: dict[str, np.ndarray]) -> None:
-        self.codec.accumulate_into(self.specs, self.payload, weight, acc)
+    def accumulate_into(self, weight: float, acc: dict[str, np.ndarray], flat: np.ndarray | None = None) -> None:
+        self.codec.accumulate_into(self.specs, self.payload, weight, acc, flat)
 
 
 class ErrorFeedback:

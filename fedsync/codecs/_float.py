@@ -28,6 +28,15 @@ class _RawCodec(Codec):
     """Values stored as-is in a fixed float dtype."""
 
     wire_dtype: ClassVar[np.dtype]
+    fixed_sections = True
+
+    def _accumulate_whole(self, buf: np.ndarray, weight: float, flat: np.ndarray) -> bool:
+        # The payload is one array of values, a tensor after the other, each decoded on its own.
+        count = flat.size
+        if buf.size != count * self.wire_dtype.itemsize:
+            return False
+        self._accumulate_section(TensorSpec("", (count,)), buf, 0, weight, flat)
+        return True
 
     def _section_size(self, spec: TensorSpec, buf: np.ndarray, offset: int) -> int:
         return spec.size * self.wire_dtype.itemsize

@@ -38,6 +38,7 @@ class _Int8Codec(Codec):
     """Symmetric int8 with one scale per tensor: max |x| maps to 127."""
 
     name = "int8"
+    fixed_sections = True
 
     def _encode_tensor(self, array: np.ndarray) -> bytes:
         amax = np.abs(array).max(initial=0.0)
@@ -71,6 +72,7 @@ class _Int8ChannelCodec(Codec):
     """Symmetric int8 with one scale per output channel (the last axis)."""
 
     name = "int8-channel"
+    fixed_sections = True
 
     def _encode_tensor(self, array: np.ndarray) -> bytes:
         channels = _channels(array.shape)

@@ -271,15 +271,22 @@ def _apply_overlap(
     # At least every device's own demand, so no device runs short of distinct pool rows.
     pool_size = min(num_rows, max(max(wanted), math.ceil(sum(wanted) / fanout)))
     pool = rng.choice(num_rows, size=pool_size, replace=False)
+    # Row masks instead of np.isin / np.setdiff1d (same results, the pool's rows being distinct).
+    pooled = np.zeros(num_rows, dtype=bool)
+    pooled[pool] = True
+    sorted_pool = np.sort(pool)
+    held = np.zeros(num_rows, dtype=bool)
 
     result = []
     for idx, count in zip(shards, wanted, strict=True):
-        in_pool = np.isin(idx, pool)
+        in_pool = pooled[idx]
         # Pool rows the device already holds count as shared; draw the rest from the pool.
         shared = idx[in_pool]
         missing = count - shared.size
         if missing > 0:
-            fresh = np.setdiff1d(pool, idx)
+            held[idx] = True
+            fresh = sorted_pool[~held[sorted_pool]]
+            held[idx] = False
             shared = np.concatenate([shared, rng.choice(fresh, size=missing, replace=False)])
         private = rng.permutation(idx[~in_pool])[: idx.size - shared.size]
         result.append(np.concatenate([shared, private]))
