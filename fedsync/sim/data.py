@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,8 +55,16 @@ class Shard:
         return len(self.y)
 
 
-@functools.cache
+_digits_lock = threading.Lock()  # threads that load them at once wait for one load
+
+
 def _digits() -> tuple[np.ndarray, np.ndarray]:
+    with _digits_lock:
+        return _load_digits()
+
+
+@functools.cache
+def _load_digits() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits  # ~0.7 s: only where the data is loaded, not in device hosts
 
     bunch = load_digits()

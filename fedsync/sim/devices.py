@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import shutil
+import threading
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +36,12 @@ def device_home(config: SimulationConfig, index: int) -> Path:
     return Path(config.data_dir) / "devices" / device_id(index)
 
 
+_shards_lock = threading.Lock()  # the driver's threads may ask at once: one partition, not two
+
+
 def fleet_shards(config: SimulationConfig) -> list[Shard]:
-    return list(_shards(config.seed, config.devices, config.partition, config.alpha, config.overlap))
+    with _shards_lock:
+        return list(_shards(config.seed, config.devices, config.partition, config.alpha, config.overlap))
 
 
 @functools.lru_cache(maxsize=2)  # the driver needs them twice (the workers' data, the ground truth)

@@ -217,10 +217,10 @@ def run_simulation(
     root = Path(config.data_dir)
     reset_devices(config)
     shutil.rmtree(root / "coordinator", ignore_errors=True)
-    _, test = load_digits_split(seed=config.seed)
-    schedules = fleet_schedules(config.connectivity(), config.devices, config.seed)
     fleet = open_fleet(config)  # first: worker processes start up while the coordinator does
     try:
+        _, test = load_digits_split(seed=config.seed)
+        schedules = fleet_schedules(config.connectivity(), config.devices, config.seed)
         coordinator = Coordinator(
             root / "coordinator",
             strategy=_strategy(config),
