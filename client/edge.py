@@ -419,9 +419,11 @@ class EdgeClient:
                 with self.journal.transaction():
                     self.cache.flush()
 
-    def after_sync(self) -> None:
-        with self._lock:
-            self.cache.reload_corrections()
+    def after_sync(self, corrections_applied: bool = True) -> None:
+        """After a sync; `corrections_applied` False: it applied none, there is nothing to reload."""
+        if corrections_applied:
+            with self._lock:
+                self.cache.reload_corrections()
 
     def close(self) -> None:
         with self._lock:

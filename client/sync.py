@@ -8,6 +8,7 @@ are sent after the coordinator's commit.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import queue
 import threading
@@ -129,12 +130,13 @@ def sync_with_retries(client: EdgeClient, address: str, *, timeout_s: float, att
 
 def sync_once(client: EdgeClient, address: str, *, timeout_s: float = 30.0) -> SyncReport:
     client.before_sync()
+    session: _Session | None = None
     try:
         with open_channel(address, client.tls) as channel:
             session = _Session(client, SyncStub(channel), timeout_s)
             return session.run()
     finally:
-        client.after_sync()
+        client.after_sync(corrections_applied=session is None or session.report.corrections_applied > 0)
 
 
 class _Session:
@@ -145,6 +147,8 @@ class _Session:
         self.metadata = call_metadata(client.device_id, client.credential)
         self.report = SyncReport()
         self.corrections_waiting = 0  # the newest correction cursor the coordinator has told of
+        self.events_acked = 0  # the journal's marks as this session last read or moved them
+        self.deltas_acked = 0
         # Its own connection, so inference and fine-tuning go on while the sync runs.
         self.journal = self._open_journal(mmap=True)
 
@@ -162,50 +166,59 @@ class _Session:
 
     def _run(self) -> SyncReport:
         journal = self.journal
+        self.events_acked, self.deltas_acked = journal.events_acked(), journal.deltas_acked()
+        last_event = journal.last_event_seq()
         request = pb.HelloRequest(model_version=self.client.model_version, client_version="fedsync/0.1")
-        carried_delta = self._carry(request)
+        pending_deltas = list(itertools.islice(journal.pending_delta_headers(self.deltas_acked), 2))
+        last_delta = int(pending_deltas[-1][0].seq) if pending_deltas else self.deltas_acked
+        carried_delta = self._carry(request, last_event, pending_deltas)
         hello = self.stub.Hello(request, metadata=self.metadata, timeout=self.timeout_s)
         if hello.HasField("events_ack"):
             self._take_event_ack(hello.events_ack)
         if hello.HasField("delta_ack") and carried_delta is not None:
             self._take_delta_ack(carried_delta, hello.delta_ack)
         # An ack may have been lost after the coordinator's commit: its marks are the truth.
-        journal.ack_events(hello.events_high_water)
+        if hello.events_high_water > self.events_acked:
+            journal.ack_events(hello.events_high_water)
+            self.events_acked = hello.events_high_water
         self.corrections_waiting = hello.corrections_cursor
-        if journal.last_event_seq() > hello.events_high_water:
+        if last_event > hello.events_high_water:
             self._push_events(hello.events_high_water)
-        for seq in range(journal.deltas_acked() + 1, hello.deltas_high_water + 1):
+        for seq in range(self.deltas_acked + 1, hello.deltas_high_water + 1):
             journal.ack_delta(seq, "sent")  # stored by the coordinator, ack lost (accepted or rejected there)
-        self._push_deltas(hello.deltas_high_water, hello.delta_resume_offset, hello.delta_resume_sha256)
+            self.deltas_acked = seq
+        # What this sync found pending is all stored when the mark covers the last of it.
+        if len(pending_deltas) > 1 or hello.deltas_high_water < last_delta:
+            self._push_deltas(hello.deltas_high_water, hello.delta_resume_offset, hello.delta_resume_sha256)
         # Hello (and the event acks, for corrections this sync's own events caused) says whether
         # there is anything to pull: most syncs then skip one or both calls.
-        if self.corrections_waiting > journal.get_meta("corrections_cursor"):
+        if self.corrections_waiting and self.corrections_waiting > journal.get_meta("corrections_cursor"):
             self._pull_corrections()
         if hello.current_model_version > self.client.model_version:
             self._pull_model(hello)
         self.report.model_version = self.client.model_version
         return self.report
 
-    def _carry(self, request: pb.HelloRequest) -> int | None:
+    def _carry(
+        self, request: pb.HelloRequest, last_event: int, pending_deltas: list[tuple[JournalDelta, int]]
+    ) -> int | None:
         """Put what is pending into the Hello when it fits one message: the pending events when they
         make one batch, the next delta when its payload is one chunk. Returns the carried delta's
         seq. Whatever the coordinator does not take goes again by the regular calls below."""
         if not HELLO_CARRIES_PENDING:
             return None
         journal = self.journal
-        acked = journal.events_acked()
-        if 0 < journal.last_event_seq() - acked <= EVENT_BATCH_SIZE:
-            columns = next(journal.iter_event_columns(acked, EVENT_BATCH_SIZE), None)
+        if 0 < last_event - self.events_acked <= EVENT_BATCH_SIZE:
+            columns = next(journal.iter_event_columns(self.events_acked, EVENT_BATCH_SIZE), None)
             if columns is not None:
                 request.events.CopyFrom(self._event_batch(columns))
-        for delta, payload_size in journal.pending_delta_headers(journal.deltas_acked()):
-            if payload_size > DELTA_CHUNK_BYTES:
-                return None
-            request.delta.header.CopyFrom(self._delta_header(delta, payload_size, 0))
-            request.delta.payload = b"".join(journal.read_payload(delta.seq, 0, DELTA_CHUNK_BYTES))
-            self.report.bytes_up += payload_size
-            return int(delta.seq)
-        return None
+        if not pending_deltas or pending_deltas[0][1] > DELTA_CHUNK_BYTES:
+            return None
+        delta, payload_size = pending_deltas[0]
+        request.delta.header.CopyFrom(self._delta_header(delta, payload_size, 0))
+        request.delta.payload = b"".join(journal.read_payload(delta.seq, 0, DELTA_CHUNK_BYTES))
+        self.report.bytes_up += payload_size
+        return int(delta.seq)
 
     # -- events --------------------------------------------------------------------------
 
@@ -265,6 +278,7 @@ class _Session:
 
     def _take_event_ack(self, ack: pb.EventAck) -> None:
         self.journal.ack_events(ack.high_water)
+        self.events_acked = max(self.events_acked, ack.high_water)
         self.corrections_waiting = max(self.corrections_waiting, ack.corrections_cursor)
         self.report.events_sent += ack.accepted
         self.report.events_duplicates += ack.duplicates
@@ -350,6 +364,7 @@ class _Session:
         )
 
     def _take_delta_ack(self, seq: int, ack: pb.DeltaAck) -> None:
+        self.deltas_acked = max(self.deltas_acked, seq)
         if ack.status == pb.DeltaAck.REJECTED:
             self.journal.ack_delta(seq, "rejected", ack.reason)
             self.report.deltas_rejected += 1
