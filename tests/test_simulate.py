@@ -73,6 +73,8 @@ def test_compare_with_an_unknown_item_fails_before_any_work(tmp_path: Path, caps
         (["--cohort-fraction", "0"], "--cohort-fraction must be in (0, 1], got 0.0"),
         (["--cohort-fraction", "1.5"], "--cohort-fraction must be in (0, 1], got 1.5"),
         (["--round-timeout", "0"], "--round-timeout must be at least 1, got 0"),
+        (["--server-lr", "0"], "--server-lr must be a positive number, got 0.0"),
+        (["--server-lr", "nan"], "--server-lr must be a positive number, got nan"),
     ],
 )
 def test_bad_simulation_parameters_fail_in_one_line_before_any_work(
@@ -115,3 +117,17 @@ def test_devices_dial_loopback_an_advertised_host_or_the_cluster_node() -> None:
     cluster = SimulationConfig(address="0.0.0.0:0", backend="ray")
     assert device_address(cluster, 5000, node_ip=lambda: "10.0.0.9") == "10.0.0.9:5000"
     assert device_address(SimulationConfig(address="0.0.0.0:0"), 5000) == "127.0.0.1:5000"  # one machine
+
+
+@pytest.mark.parametrize("server_lr", [1.0, 0.5])
+def test_the_async_coordinator_steps_server_lr_along_the_buffers_mean_delta(server_lr: float) -> None:
+    import numpy as np
+
+    from fedsync.aggregation import Update
+    from fedsync.sim.config import SimulationConfig
+    from fedsync.sim.runner import _strategy
+
+    strategy = _strategy(SimulationConfig(devices=4, server_lr=server_lr))
+    weights = {"w": np.zeros(3, dtype=np.float32)}
+    updates = [Update({"w": np.full(3, 2.0, dtype=np.float32)}, 1), Update({"w": np.full(3, 4.0, dtype=np.float32)}, 1)]
+    np.testing.assert_allclose(strategy.aggregate(weights, updates)["w"], np.full(3, 3.0 * server_lr))

@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--aggregation", default="async", help="async (buffered, staleness-aware) or sync (FedAvg)")
     sim.add_argument("--buffer-size", type=int, default=None, help="async: deltas per version")
     sim.add_argument(
+        "--server-lr", type=float, default=1.0, help="async: the coordinator's step along each buffer's mean delta "
+        "(below 1 damps the noise of stale deltas)",
+    )  # fmt: skip
+    sim.add_argument(
         "--cohort-fraction", type=float, default=1.0, help="sync: fraction of the online devices sampled to train "
         "each round (Flower's fraction_fit)",
     )  # fmt: skip

@@ -24,6 +24,7 @@ def _simulate(args: argparse.Namespace) -> int:
         online_probability=args.online_prob,
         aggregation=args.aggregation,
         buffer_size=args.buffer_size,
+        server_lr=args.server_lr,
         cohort_fraction=args.cohort_fraction,
         round_timeout=args.round_timeout,
         codec=args.codec,

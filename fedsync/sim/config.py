@@ -31,6 +31,7 @@ class SimulationConfig:
     online_probability: float = 0.8
     aggregation: str = "async"  # async | sync
     buffer_size: int | None = None  # async: deltas per version (default: half the fleet)
+    server_lr: float = 1.0  # async: the coordinator's step along each buffer's mean delta (FedBuff's eta_g)
     # sync: each round's cohort is this fraction of the devices online when it starts (Flower's
     # fraction_fit), and a round waits at most round_timeout rounds after the one that sends the model.
     cohort_fraction: float = 1.0
@@ -78,6 +79,8 @@ class SimulationConfig:
             raise SimulationConfigError(f"--aggregation must be 'async' or 'sync', got {self.aggregation!r}")
         if self.buffer_size is not None and self.buffer_size < 1:
             raise SimulationConfigError(f"--buffer-size must be at least 1, got {self.buffer_size}")
+        if not (math.isfinite(self.server_lr) and self.server_lr > 0):
+            raise SimulationConfigError(f"--server-lr must be a positive number, got {self.server_lr}")
         if not 0.0 < self.cohort_fraction <= 1.0:
             raise SimulationConfigError(f"--cohort-fraction must be in (0, 1], got {self.cohort_fraction}")
         if self.round_timeout < 1:

@@ -130,7 +130,7 @@ def _strategy(config: SimulationConfig):
         # max_staleness=0: a delta on an older version is refused as stale. The buffer size never
         # triggers: the driver forces each FedAvg round's aggregation.
         return Strategy.fedavg(num_clients=config.devices)
-    return Strategy.fedbuff(buffer_size=_async_buffer(config), max_staleness=config.max_staleness)
+    return Strategy.fedbuff(buffer_size=_async_buffer(config), max_staleness=config.max_staleness, lr=config.server_lr)
 
 
 def _async_buffer(config: SimulationConfig) -> int:
