@@ -9,10 +9,8 @@ process) is the store's `Durability`.
 from __future__ import annotations
 
 import bisect
-import contextlib
 import dataclasses
 import functools
-import os
 import sqlite3
 import threading
 import time
@@ -21,10 +19,10 @@ from pathlib import Path
 from typing import NamedTuple, ParamSpec, TypeVar
 
 from coordinator.conflict_index import ConflictIndex, Resolution
+from coordinator.payload_files import PayloadFiles, payload_name
 from coordinator.records import BatchResult, CorrectionRow, EventColumns, EventRow, StoredDelta, StoreError
 from coordinator.schema import EVENTS_PER_INSERT, INT64_MAX, SCHEMA, Durability, insert_events, migrate
 from fedsync.conflicts import ConflictPolicy, highest_confidence
-from fedsync.manifest import fsync_path
 
 __all__ = [
     "EVENTS_PER_INSERT",
@@ -64,11 +62,6 @@ _ADVANCE_DELTAS = (
 _STORED_DELTA = "device_id, seq, base_version, num_examples, codec, tensor_specs, payload_file, received_ns"
 
 
-def _unlink(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-
-
 class DeviceMarks(NamedTuple):
     events_high_water: int
     deltas_high_water: int
@@ -105,10 +98,11 @@ class CoordinatorStore:
         self.conn.execute(f"PRAGMA synchronous={durability.value}")
         self.conn.executescript(SCHEMA)
         migrate(self.conn)
-        self.deltas_dir = self.path.parent / "deltas"
-        self.deltas_dir.mkdir(exist_ok=True)
-        self._deltas_path = str(self.deltas_dir)
-        self._remove_orphan_payloads()
+        self.payloads = PayloadFiles(self.path.parent / "deltas", durable=durability is Durability.POWER)
+        self.deltas_dir = self.payloads.folder
+        self.payloads.remove_orphans(
+            {row[0] for row in self.conn.execute("SELECT payload_file FROM deltas WHERE payload_file IS NOT NULL")}
+        )
         self.conflicts = ConflictIndex(self.policy)
         self._reload_conflicts()
 
@@ -291,11 +285,11 @@ class CoordinatorStore:
     ) -> int:
         """Store a delta (buffered or rejected) and advance the device's mark; returns the new mark.
 
-        The payload goes to a file of its own (a large blob in SQLite would be written twice, and
-        rewritten on every update of its row); `payload_file` moves an already written file there.
+        The payload goes to a file of its own (see coordinator.payload_files); `payload_file`
+        moves an already written file there.
         """
         now = time.time_ns()
-        name = f"{device_id}.{seq}.delta" if (payload is not None or payload_file is not None) else None
+        name = payload_name(device_id, seq) if (payload is not None or payload_file is not None) else None
         wrote = False
         self._begin()
         try:
@@ -315,7 +309,7 @@ class CoordinatorStore:
                     )
             if name is not None:
                 wrote = True
-                self._place_payload(os.path.join(self._deltas_path, name), payload, payload_file)
+                self.payloads.place(name, payload, payload_file)
             self.conn.execute(
                 "INSERT INTO deltas (device_id, seq, base_version, num_examples, codec, tensor_specs, payload_file, "
                 "payload_sha256, train_loss, received_ns, status, reason, staleness) "
@@ -340,32 +334,9 @@ class CoordinatorStore:
         except BaseException:
             self._rollback()
             if wrote:
-                _unlink(os.path.join(self._deltas_path, name))  # type: ignore[arg-type]
+                self.payloads.remove([name])  # type: ignore[list-item]
             raise
         return seq
-
-    def _place_payload(self, target: str, payload: bytes | memoryview | None, payload_file: Path | None) -> None:
-        """Write or move a payload to `target`; fsynced with its directory entry under POWER. The
-        commit naming it comes after, so a crash before it only leaves an orphan file (removed on
-        the next start)."""
-        durable = self.durability is Durability.POWER
-        if payload_file is not None:
-            if durable:
-                fsync_path(payload_file)
-            os.replace(payload_file, target)
-        else:
-            # os-level calls: a buffered file object costs more than writing a delta's bytes.
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
-            try:
-                view = memoryview(payload)  # type: ignore[arg-type]
-                while view:
-                    view = view[os.write(fd, view) :]
-                if durable:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-        if durable:
-            fsync_path(self.deltas_dir)
 
     @_locked
     def buffered_count(self) -> tuple[int, int | None]:
@@ -392,7 +363,7 @@ class CoordinatorStore:
                     f"SELECT {_STORED_DELTA} FROM deltas WHERE device_id = ? AND seq = ?", (device_id, seq)
                 ).fetchone()
             if row is not None and row[6] is not None:
-                yield StoredDelta(*row[:6], self._read_payload(row[6]), row[7])
+                yield StoredDelta(*row[:6], self.payloads.read(row[6]), row[7])
 
     def iter_buffered(self) -> Iterator[StoredDelta]:
         """The buffered deltas in the order of buffered_keys, as iter_deltas yields them (the rows
@@ -403,11 +374,7 @@ class CoordinatorStore:
             ).fetchall()
         for row in rows:
             if row[6] is not None:
-                yield StoredDelta(*row[:6], self._read_payload(row[6]), row[7])
-
-    def _read_payload(self, name: str) -> bytes:
-        with open(os.path.join(self._deltas_path, name), "rb", buffering=0) as f:
-            return f.readall()
+                yield StoredDelta(*row[:6], self.payloads.read(row[6]), row[7])
 
     # -- versions -------------------------------------------------------------------------
 
@@ -450,17 +417,7 @@ class CoordinatorStore:
         )
 
     def _remove_payloads(self, keys: Sequence[tuple[str, int]]) -> None:
-        for device_id, seq in keys:
-            _unlink(os.path.join(self._deltas_path, f"{device_id}.{seq}.delta"))
-
-    def _remove_orphan_payloads(self) -> None:
-        """Payload files no buffered delta refers to: left by a crash between commit and unlink."""
-        referenced = {
-            row[0] for row in self.conn.execute("SELECT payload_file FROM deltas WHERE payload_file IS NOT NULL")
-        }
-        for path in self.deltas_dir.glob("*.delta"):
-            if path.name not in referenced:
-                path.unlink(missing_ok=True)
+        self.payloads.remove(payload_name(device_id, seq) for device_id, seq in keys)
 
     def commit_version_rejections(self, rejected: Sequence[tuple[str, int, str]]) -> None:
         with self._lock:
