@@ -14,6 +14,7 @@ next sync fetches them again).
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 from collections.abc import Callable, Iterable
@@ -38,20 +39,14 @@ FetchArtifact = Callable[[Artifact, Path], None]  # writes (or resumes writing) 
 SmokeTest = Callable[[Path, Manifest], None]  # raises when the installed version cannot serve
 
 
-_PARSED: dict[bytes, Manifest] = {}  # per process: the devices of a simulation install the same manifests
-_PARSED_MAX = 8
-
-
 def _parse(manifest_json: bytes) -> Manifest:
     """Manifest.from_json, memoized by the bytes (a Manifest is never modified once parsed)."""
-    key = bytes(manifest_json)
-    manifest = _PARSED.get(key)
-    if manifest is None:
-        manifest = Manifest.from_json(key)
-        if len(_PARSED) >= _PARSED_MAX:
-            del _PARSED[next(iter(_PARSED))]
-        _PARSED[key] = manifest
-    return manifest
+    return _parse_bytes(bytes(manifest_json))
+
+
+@functools.lru_cache(maxsize=8)  # per process: the devices of a simulation install the same manifests
+def _parse_bytes(manifest_json: bytes) -> Manifest:
+    return Manifest.from_json(manifest_json)
 
 
 _Scan = tuple[set[str], list[int], list[tuple[int, str]]]  # see ModelStore._scan
@@ -128,11 +123,7 @@ class ModelStore:
         return path if path.exists() else None
 
     def installed_versions(self) -> list[int]:
-        versions = []
-        for child in self.root.iterdir():
-            if child.is_dir() and child.name.startswith("v") and child.name[1:].isdigit():
-                versions.append(int(child.name[1:]))
-        return sorted(versions)
+        return self._scan()[1]
 
     def good_versions(self) -> list[int]:
         return [v for v in self._good_listed() if self.version_dir(v).exists()]

@@ -37,11 +37,12 @@ from fedsync.model import (
     PREPROCESSING,
     Weights,
     build_model,
+    check_weights,
     dense_steps,
     forward,
     get_weights,
     set_weights,
-    weight_name,
+    weight_shapes,
 )
 
 if TYPE_CHECKING:
@@ -103,7 +104,7 @@ class ModelPublisher:
         # templates from the weights: self.model is loaded with a version's weights only when
         # something needs Keras itself (the .keras artifact, a converter run).
         self._steps = dense_steps(self.model)
-        self._shapes = {weight_name(self.model, w): tuple(w.shape) for w in self.model.weights}
+        self._shapes = weight_shapes(self.model)
         self._loaded: Weights | None = None  # what self.model holds, during a publish
         self._architecture: str | None = None
 
@@ -114,7 +115,7 @@ class ModelPublisher:
         return self.models_dir / f"v{version}"
 
     def evaluate(self, weights: Weights) -> dict[str, float]:
-        self._check(weights)
+        check_weights(self._shapes, weights)
         if self._steps is not None:
             probs = forward(self._steps, weights, self._x)
         else:
@@ -125,15 +126,6 @@ class ModelPublisher:
         accuracy = float(np.mean(np.argmax(probs, axis=1) == labels))
         loss = float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1.0))))
         return {"accuracy": accuracy, "loss": loss}
-
-    def _check(self, weights: Weights) -> None:
-        """What loading the weights into the model would refuse."""
-        missing = set(self._shapes) - set(weights)
-        if missing:
-            raise KeyError(f"weights missing tensors: {sorted(missing)}")
-        for name, shape in self._shapes.items():
-            if np.shape(weights[name]) != shape:
-                raise ValueError(f"weight {name!r} has shape {np.shape(weights[name])}, the model {shape}")
 
     def _holding(self, weights: Weights) -> keras.Model:
         """self.model, loaded with `weights`."""

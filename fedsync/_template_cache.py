@@ -35,7 +35,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from fedsync.model import Weights, dense_steps, forward, get_weights, set_weights, weight_name
+from fedsync.model import Weights, dense_steps, forward, get_weights, set_weights, weight_name, weight_shapes
 from fedsync.tflite_patch import WeightSlot, _buffer_spans, patch_weights
 
 log = logging.getLogger(__name__)
@@ -186,7 +186,7 @@ def works_like(base: bytes, slots: tuple[WeightSlot, ...], model: keras.Model) -
     their weights restored afterwards."""
     steps = dense_steps(model)
     rng = np.random.default_rng(3)
-    weights = {weight_name(model, w): rng.standard_normal(tuple(w.shape)).astype(np.float32) for w in model.weights}
+    weights = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in weight_shapes(model).items()}
     saved = get_weights(model) if steps is None else None
     try:
         if not _slots_fit(base, slots, weights):

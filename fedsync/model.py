@@ -53,13 +53,25 @@ def get_weights(model: keras.Model) -> Weights:
     return {weight_name(model, w): np.asarray(w.numpy(), dtype=np.float32) for w in model.weights}
 
 
-def set_weights(model: keras.Model, weights: Mapping[str, np.ndarray]) -> None:
-    names = [weight_name(model, w) for w in model.weights]
-    missing = set(names) - set(weights)
+def weight_shapes(model: keras.Model) -> dict[str, tuple[int, ...]]:
+    return {weight_name(model, w): tuple(w.shape) for w in model.weights}
+
+
+def check_weights(shapes: Mapping[str, tuple[int, ...]], weights: Mapping[str, np.ndarray]) -> None:
+    """What loading `weights` into a model whose weights have `shapes` refuses: a missing tensor
+    (KeyError) or one of another shape (ValueError)."""
+    missing = set(shapes) - set(weights)
     if missing:
         raise KeyError(f"weights missing tensors: {sorted(missing)}")
-    for name, variable in zip(names, model.weights, strict=True):
-        variable.assign(np.asarray(weights[name], dtype=np.float32))
+    for name, shape in shapes.items():
+        if np.shape(weights[name]) != shape:
+            raise ValueError(f"weight {name!r} has shape {np.shape(weights[name])}, the model {shape}")
+
+
+def set_weights(model: keras.Model, weights: Mapping[str, np.ndarray]) -> None:
+    check_weights(weight_shapes(model), weights)
+    for variable in model.weights:
+        variable.assign(np.asarray(weights[weight_name(model, variable)], dtype=np.float32))
 
 
 @dataclass(frozen=True)
